@@ -1,0 +1,29 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each bootstraps .venv from
+# uv.lock first, so a fresh machine with Python 3.11+ needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+EVENTS ?= 10000
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: demo test lint venv clean
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install --quiet uv==0.13.9; }
+	$(VENV)/bin/uv sync --frozen --python $(VENV)/bin/python
+	touch $@
+
+venv: $(VENV)/.synced
+
+demo: venv
+	$(VENV)/bin/python -m demo --events $(EVENTS)
+
+test: venv
+	$(VENV)/bin/pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,222 @@
+"""ClickHouse: encode outbox rows once as JSONEachRow, ship them through one of two transports.
+
+- `HttpTransport`: clickhouse-connect over HTTP(S), for production (`CLICKHOUSE_URL=http://…`).
+- `ChdbTransport`: the same engine in process through chDB (`CLICKHOUSE_URL=chdb:///path`), for
+  the embedded demo.
+Both send the same bytes with the same SQL and settings, so what the tests prove about one
+holds for the other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from cdc_consumer.errors import ErrorKind, PipelineError
+from cdc_consumer.pgoutput import Relation
+from cdc_consumer.sink import ORIGIN, SourcePosition
+
+EVENT_LOG_TABLE = "event_log"
+# pgoutput sends timestamptz as text with a variable number of fractional digits and an offset
+# (`2026-11-25 07:49:31.12345+00`); ClickHouse parses it when told to make its best effort.
+INSERT_SETTINGS: dict[str, str] = {"date_time_input_format": "best_effort"}
+# Integers come back as JSON numbers, so both transports return the same Python values.
+SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
+
+_OUTBOX_COLUMNS = (
+    "event_id",
+    "event_type",
+    "event_date_time",
+    "environment",
+    "event_context",
+    "metadata_version",
+)
+
+
+class ClickHouseTransport(Protocol):
+    """What the consumer needs from a ClickHouse connection."""
+
+    def command(self, sql: str) -> None: ...
+
+    def select(self, sql: str) -> list[list[Any]]: ...
+
+    def insert(self, table: str, body: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class HttpTransport:
+    """clickhouse-connect over HTTP(S); errors surface as transient sink failures."""
+
+    def __init__(self, url: str) -> None:
+        import clickhouse_connect  # noqa: PLC0415  (keeps chdb-only processes lean)
+
+        self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+
+    def command(self, sql: str) -> None:
+        with _sink_errors():
+            self._client.command(sql)
+
+    def select(self, sql: str) -> list[list[Any]]:
+        with _sink_errors():
+            raw = self._client.raw_query(sql, settings=SELECT_SETTINGS, fmt="JSONCompact")
+        return list(orjson.loads(raw)["data"])
+
+    def insert(self, table: str, body: bytes) -> None:
+        with _sink_errors():
+            self._client.raw_insert(
+                table, insert_block=body, settings=INSERT_SETTINGS, fmt="JSONEachRow"
+            )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class ChdbTransport:
+    """The ClickHouse engine in process: one data directory per process, one query at a time."""
+
+    def __init__(self, path: str, database: str = "default") -> None:
+        from chdb.session import Session  # noqa: PLC0415  (~260 MB: load only when asked)
+
+        self._session = Session(path)
+        self._lock = threading.Lock()
+        if database != "default":
+            self.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            self.command(f"USE {database}")
+
+    def _query(self, sql: str, fmt: str = "CSV") -> bytes:
+        with self._lock, _sink_errors():
+            return bytes(self._session.query(sql, fmt).bytes())
+
+    def command(self, sql: str) -> None:
+        self._query(sql)
+
+    def select(self, sql: str) -> list[list[Any]]:
+        raw = self._query(f"{sql} SETTINGS {_settings_clause(SELECT_SETTINGS)}", "JSONCompact")
+        return list(orjson.loads(raw)["data"]) if raw else []
+
+    def insert(self, table: str, body: bytes) -> None:
+        head = (
+            f"INSERT INTO {table} SETTINGS {_settings_clause(INSERT_SETTINGS)} FORMAT JSONEachRow\n"
+        )
+        self._query(head + body.decode())
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _settings_clause(settings: dict[str, str]) -> str:
+    return ", ".join(f"{key} = '{value}'" for key, value in settings.items())
+
+
+@contextmanager
+def _sink_errors() -> Iterator[None]:
+    """Wrap any transport failure as a transient sink error; the policy decides what follows."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(
+            ErrorKind.TRANSIENT_SINK,
+            f"clickhouse request failed: {type(exc).__name__}: {_first_line(exc)}",
+            hint="check CLICKHOUSE_URL and that ClickHouse is up; the consumer retries",
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else ""
+
+
+def connect(url: str) -> ClickHouseTransport:
+    """A transport for CLICKHOUSE_URL: http(s)://user:pass@host:port/db or chdb:///path."""
+    parts = urlsplit(url)
+    if parts.scheme == "chdb":
+        database = parse_qs(parts.query).get("database", ["default"])[0]
+        return ChdbTransport(parts.path, database)
+    return HttpTransport(url)
+
+
+class EventLogEncoder:
+    """Turns decoded event_outbox inserts into JSONEachRow lines for `event_log`.
+
+    Built from the Relation message, so columns are found by name and a column added to the
+    outbox later does not shift anything. The jsonb context is spliced in as PostgreSQL sent it
+    (it is valid JSON by construction) and also kept verbatim in `event_context_raw`.
+    """
+
+    def __init__(self, relation: Relation) -> None:
+        names = [column.name for column in relation.columns]
+        missing = [name for name in _OUTBOX_COLUMNS if name not in names]
+        if missing:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"event_outbox lacks columns {missing}",
+                hint="run `python -m cdc_consumer migrate` against this database",
+            )
+        self._index = tuple(names.index(name) for name in _OUTBOX_COLUMNS)
+
+    def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        event_id, event_type, date_time, environment, context, version = (
+            values[i] for i in self._index
+        )
+        if not (
+            isinstance(event_id, bytes)
+            and isinstance(event_type, bytes)
+            and isinstance(date_time, bytes)
+            and isinstance(environment, bytes)
+            and isinstance(context, bytes)
+            and isinstance(version, bytes)
+        ):
+            raise PipelineError(
+                ErrorKind.POISON_EVENT,
+                "event_outbox row with a NULL or unchanged-TOAST value",
+                hint="event_outbox is insert-only with NOT NULL columns; check its definition",
+            )
+        # uuid, timestamptz and bigint text is plain ASCII without quotes or backslashes, so it
+        # is spliced as is; only the free-text columns need JSON string escaping.
+        return b"".join(
+            (
+                b'{"event_id":"',
+                event_id,
+                b'","event_type":',
+                orjson.dumps(event_type.decode()),
+                b',"event_date_time":"',
+                date_time,
+                b'","environment":',
+                orjson.dumps(environment.decode()),
+                b',"event_context":',
+                context,
+                b',"event_context_raw":',
+                orjson.dumps(context.decode()),
+                b',"metadata_version":',
+                version,
+                b',"source_lsn":%d,"source_seq":%d}' % position,
+            )
+        )
+
+
+class ClickHouseSink:
+    """`EventSink` over a transport: one INSERT per batch into event_log."""
+
+    def __init__(self, transport: ClickHouseTransport) -> None:
+        self._transport = transport
+
+    def write(self, rows: list[bytes]) -> None:
+        self._transport.insert(EVENT_LOG_TABLE, b"\n".join(rows))
+
+    def high_watermark(self) -> SourcePosition:
+        rows = self._transport.select(
+            f"SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE}"
+            " ORDER BY source_lsn DESC, source_seq DESC LIMIT 1"
+        )
+        return SourcePosition(int(rows[0][0]), int(rows[0][1])) if rows else ORIGIN
+
+    def close(self) -> None:
+        self._transport.close()

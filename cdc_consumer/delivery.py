@@ -1,0 +1,131 @@
+"""The sink worker: writes batches in order on its own thread, retrying until they are durable.
+
+Inserting on a second thread lets the main loop keep decoding the next batch and, above all,
+keep answering the walsender while ClickHouse is slow or down. The queue is short, so when the
+sink falls behind the main loop stops reading the WAL (PostgreSQL keeps it) and memory stays at
+a few batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+
+import structlog
+
+from cdc_consumer.batch import Batch
+from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.sink import EventSink
+
+log = structlog.get_logger(__name__)
+
+QUEUE_DEPTH = 1  # batches waiting behind the one being written
+_BACKOFF_BASE_SECONDS = 0.2
+
+
+def backoff_delay(attempt: int, cap: float) -> float:
+    """Capped exponential backoff with full jitter (attempt counts from 1)."""
+    return random.uniform(0, min(cap, _BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)))  # noqa: S311
+
+
+class SinkWorker:
+    """Owns the sink. `durable_lsn` only ever holds positions whose rows the sink has accepted.
+
+    Retries use an Event wait rather than a retry library's sleep, so a shutdown interrupts the
+    backoff at once instead of after the longest wait.
+    """
+
+    def __init__(self, sink: EventSink, *, retry_cap_seconds: float) -> None:
+        self._sink = sink
+        self._retry_cap = retry_cap_seconds
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._abort = threading.Event()
+        self._progress = threading.Event()
+        self._lock = threading.Lock()
+        self._durable_lsn = 0
+        self._fatal: PipelineError | None = None
+        self.batches_written = 0
+        self.rows_written = 0
+        self._thread = threading.Thread(target=self._run, name="sink-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def durable_lsn(self) -> int:
+        with self._lock:
+            return self._durable_lsn
+
+    @property
+    def fatal(self) -> PipelineError | None:
+        """A failure the policy says to stop on; the main loop re-raises it."""
+        return self._fatal
+
+    @property
+    def idle(self) -> bool:
+        return self._queue.unfinished_tasks == 0
+
+    def submit(self, batch: Batch, timeout: float) -> bool:
+        """Queue a batch; False if the worker is still busy after `timeout` (backpressure)."""
+        try:
+            self._queue.put(batch, timeout=timeout)
+        except queue.Full:
+            return False
+        return True
+
+    def wait_progress(self, timeout: float) -> None:
+        """Sleep until a batch completes or `timeout` passes."""
+        self._progress.wait(timeout)
+        self._progress.clear()
+
+    def stop(self, *, abort: bool) -> None:
+        """Finish queued batches (or abandon them if `abort`) and end the thread."""
+        if abort:
+            self._abort.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                if self._abort.is_set():
+                    continue
+                if batch.rows and not self._write(batch):
+                    continue
+                with self._lock:
+                    if batch.confirm_lsn is not None:
+                        self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
+                self._progress.set()
+            finally:
+                self._queue.task_done()
+
+    def _write(self, batch: Batch) -> bool:
+        attempt = 0
+        while not self._abort.is_set():
+            attempt += 1
+            try:
+                self._sink.write(batch.rows)
+            except PipelineError as exc:
+                if policy_for(exc) is not Policy.RETRY:
+                    self._fatal = exc
+                    self._abort.set()
+                    self._progress.set()
+                    return False
+                delay = backoff_delay(attempt, self._retry_cap)
+                log.warning(
+                    "batch write failed, retrying",
+                    rows=len(batch.rows),
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                    error=str(exc),
+                    hint=exc.hint,
+                )
+                self._abort.wait(delay)
+                continue
+            self.batches_written += 1
+            self.rows_written += len(batch.rows)
+            log.info("batch written", rows=len(batch.rows), bytes=batch.nbytes, attempt=attempt)
+            return True
+        return False

@@ -1,0 +1,45 @@
+"""One error type with kinds, and the one policy that maps each kind to what the pipeline does.
+
+Every failure the consumer can meet is raised (or wrapped, `raise ... from exc`) as a
+`PipelineError` carrying a kind and an operator-facing hint; `policy_for` is the only place that
+decides retry / dead-letter / stop, so the loop never guesses from exception classes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    TRANSIENT_SOURCE = "transient_source"  # PostgreSQL unreachable, restarted, slot busy
+    TRANSIENT_SINK = "transient_sink"  # ClickHouse unreachable, timed out, overloaded
+    POISON_EVENT = "poison_event"  # one row that cannot be encoded or that ClickHouse rejects
+    CONFIGURATION = "configuration"  # wrong settings, missing publication, wrong schema
+
+
+class Policy(enum.Enum):
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    STOP = "stop"
+
+
+_POLICY = {
+    ErrorKind.TRANSIENT_SOURCE: Policy.RETRY,
+    ErrorKind.TRANSIENT_SINK: Policy.RETRY,
+    ErrorKind.POISON_EVENT: Policy.DEAD_LETTER,
+    ErrorKind.CONFIGURATION: Policy.STOP,
+}
+
+
+class PipelineError(Exception):
+    """A failure with a kind (what happened) and a hint (what an operator can do about it)."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.hint = hint
+
+
+def policy_for(error: PipelineError) -> Policy:
+    """Decide what the pipeline does with a failure of this kind."""
+    return _POLICY[error.kind]

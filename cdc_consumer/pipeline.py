@@ -1,0 +1,236 @@
+"""The loop that composes replication → decode → batch → sink, with acks, retries and shutdown.
+
+Delivery rule: the flush LSN sent to PostgreSQL is only ever a commit end LSN whose batch the
+sink worker reported durable (or, with nothing buffered anywhere, a keepalive's WAL end). A crash
+anywhere replays from the last confirmed position; rows at or below the sink's high watermark
+are skipped on the way back in, so the replay doubles nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+import structlog
+
+from cdc_consumer import pgoutput
+from cdc_consumer.batch import Batch, BatchBuilder
+from cdc_consumer.clickhouse import EventLogEncoder
+from cdc_consumer.delivery import SinkWorker, backoff_delay
+from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.replication import Keepalive, ReplicationStream
+from cdc_consumer.settings import ConsumerSettings
+from cdc_consumer.sink import EventSink, SourcePosition
+
+log = structlog.get_logger(__name__)
+
+OUTBOX_TABLE = "event_outbox"
+_POLL_SECONDS = 0.2  # upper bound on how long a stop request or a due batch waits
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT. A second signal while stopping exits at once, confirming nothing."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def install(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            if self._event.is_set():
+                log.warning("second stop signal, exiting without confirming", signal=signum)
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+            log.info("stop requested, flushing", signal=signum)
+            self._event.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+@dataclass
+class _Transaction:
+    commit_lsn: int = 0
+    next_seq: int = 0
+    open: bool = False
+
+
+@dataclass
+class _Session:
+    """State of one replication connection; discarded and rebuilt on reconnect."""
+
+    stream: ReplicationStream
+    watermark: SourcePosition
+    received: int
+    tx: _Transaction = field(default_factory=_Transaction)
+    encoders: dict[int, EventLogEncoder | None] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, settings: ConsumerSettings, sink: EventSink, stop: StopRequest) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._stop = stop
+        self._builder = BatchBuilder(
+            max_rows=settings.cdc_batch_max_rows,
+            max_bytes=settings.cdc_batch_max_bytes,
+            max_seconds=settings.cdc_batch_max_seconds,
+        )
+        self._worker = SinkWorker(sink, retry_cap_seconds=settings.cdc_retry_max_seconds)
+
+    def run(self) -> int:
+        """Stream until stopped; returns the process exit code."""
+        attempt = 0
+        while not self._stop.requested:
+            try:
+                self._stream_once()
+                attempt = 0
+            except PipelineError as exc:
+                if policy_for(exc) is not Policy.RETRY:
+                    log.error(
+                        "pipeline stopped", error=str(exc), kind=exc.kind.value, hint=exc.hint
+                    )
+                    self._worker.stop(abort=True)
+                    return 2
+                attempt += 1
+                delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
+                log.warning(
+                    "source failed, reconnecting",
+                    error=str(exc),
+                    hint=exc.hint,
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                )
+                self._stop.wait(delay)
+        return 0
+
+    def _stream_once(self) -> None:
+        # Whatever is still queued from a previous connection lands first, so the watermark
+        # read next covers it and the replay that follows skips it.
+        self._builder.discard()
+        self._drain_worker(deadline=None)
+        watermark = self._sink.high_watermark()
+        stream = ReplicationStream.connect(
+            self._settings.database_url.get_secret_value(),
+            self._settings.cdc_slot,
+            self._settings.cdc_publication,
+        )
+        try:
+            state = stream.start()
+            session = _Session(stream, watermark, state.confirmed_flush_lsn)
+            log.info(
+                "streaming",
+                slot=self._settings.cdc_slot,
+                watermark_lsn=pgoutput.lsn_to_str(watermark.lsn),
+                watermark_seq=watermark.seq,
+            )
+            self._loop(session)
+            self._shutdown(session)
+        finally:
+            stream.close()
+
+    def _loop(self, s: _Session) -> None:
+        interval = self._settings.cdc_status_interval_seconds
+        while not self._stop.requested:
+            self._check_worker()
+            self._report(s, due_every=interval)
+            timeout = min(_POLL_SECONDS, self._builder.seconds_until_due())
+            message = s.stream.read(timeout)
+            if isinstance(message, Keepalive):
+                s.received = max(s.received, message.wal_end)
+                if self._nothing_buffered(s):
+                    self._report(s, due_every=interval, flush=message.wal_end)
+                if message.reply_requested:
+                    self._report(s, due_every=0)
+            elif message is not None:
+                s.received = max(s.received, message.wal_end)
+                self._handle(s, pgoutput.decode(message.payload))
+            batch = self._builder.due()
+            if batch is not None:
+                self._submit(s, batch)
+
+    def _handle(self, s: _Session, message: pgoutput.PgoutputMessage) -> None:
+        if isinstance(message, pgoutput.Insert):
+            encoder = s.encoders.get(message.relation_id)
+            if encoder is None:
+                return  # another table in the publication: not ours to ship
+            position = SourcePosition(s.tx.commit_lsn, s.tx.next_seq)
+            s.tx.next_seq += 1
+            if position <= s.watermark:
+                return  # already in ClickHouse before a crash; the slot replayed it
+            batch = self._builder.add(encoder.encode(message.new, position))
+            if batch is not None:
+                self._submit(s, batch)
+        elif isinstance(message, pgoutput.Begin):
+            s.tx = _Transaction(commit_lsn=message.final_lsn, open=True)
+        elif isinstance(message, pgoutput.Commit):
+            s.tx.open = False
+            batch = self._builder.commit(message.end_lsn)
+            if batch is not None:
+                self._submit(s, batch)
+        elif isinstance(message, pgoutput.Relation):
+            # Re-sent after every schema change: rebuild so columns are found by name again.
+            ours = message.name == OUTBOX_TABLE
+            s.encoders[message.relation_id] = EventLogEncoder(message) if ours else None
+
+    def _submit(self, s: _Session, batch: Batch) -> None:
+        """Hand a batch to the sink worker, keeping the walsender answered while it is busy."""
+        while not self._worker.submit(batch, timeout=_POLL_SECONDS):
+            self._check_worker()
+            self._report(s, due_every=self._settings.cdc_status_interval_seconds)
+
+    def _report(self, s: _Session, *, due_every: float, flush: int | None = None) -> None:
+        """Send status when the durable position moved or the interval passed."""
+        target = max(self._worker.durable_lsn, flush or 0, s.stream.confirmed)
+        overdue = time.monotonic() - s.stream.last_status_at >= due_every
+        if target > s.stream.confirmed or overdue:
+            s.stream.send_status(write=s.received, flush=target)
+
+    def _nothing_buffered(self, s: _Session) -> bool:
+        return not s.tx.open and self._builder.is_empty and self._worker.idle
+
+    def _check_worker(self) -> None:
+        if self._worker.fatal is not None:
+            raise self._worker.fatal
+
+    def _drain_worker(self, deadline: float | None) -> bool:
+        while not self._worker.idle:
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if out_of_time or (deadline is None and self._stop.requested):
+                return False
+            self._check_worker()
+            self._worker.wait_progress(_POLL_SECONDS)
+        return True
+
+    def _shutdown(self, s: _Session) -> None:
+        """On a stop request: ship what is committed, confirm it, and leave within the grace."""
+        deadline = time.monotonic() + self._settings.cdc_shutdown_grace_seconds
+        batch = self._builder.drain_committed()
+        if batch is not None:
+            while not self._worker.submit(batch, timeout=_POLL_SECONDS):
+                if time.monotonic() >= deadline:
+                    break
+        drained = self._drain_worker(deadline)
+        self._report(s, due_every=0)
+        self._worker.stop(abort=not drained)
+        log.info(
+            "stopped",
+            drained=drained,
+            confirmed_lsn=pgoutput.lsn_to_str(s.stream.confirmed),
+            batches=self._worker.batches_written,
+            rows=self._worker.rows_written,
+        )
+        if not drained:
+            raise SystemExit(1)

@@ -1,0 +1,188 @@
+"""The replication connection: slot checks, START_REPLICATION, the COPY BOTH stream, feedback.
+
+Facts this module is built on (PostgreSQL's protocol docs and walsender source):
+- The walsender advances a logical slot only from the *flush* field of a standby status update
+  ('r'). We send write = the newest WAL position received, flush = apply = the newest position
+  whose events are durable in ClickHouse, and never move either backwards.
+- A keepalive ('k') whose reply flag is set must be answered at once, and status must be sent
+  on a timer well inside `wal_sender_timeout`, even while an insert is slow.
+- `START_REPLICATION SLOT s LOGICAL 0/0` resumes at the slot's `confirmed_flush_lsn`.
+- The walsender speaks only the simple-query protocol: commands carry no parameters, which is
+  why slot and publication names are validated identifiers (see settings.py).
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+
+from cdc_consumer.errors import ErrorKind, PipelineError
+from cdc_consumer.pgoutput import lsn_to_str
+
+log = structlog.get_logger(__name__)
+
+# Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+_PG_EPOCH_OFFSET_US = 946_684_800_000_000
+_XLOG_HEADER = struct.Struct("!QQQ")  # walStart, walEnd, sendTime after the 'w' tag
+_KEEPALIVE = struct.Struct("!QQB")  # walEnd, sendTime, replyRequested after the 'k' tag
+_STATUS = struct.Struct("!cQQQQB")  # 'r', write, flush, apply, clock, replyRequested
+
+
+@dataclass(frozen=True, slots=True)
+class XLogData:
+    """One chunk of WAL: a whole pgoutput message and the server's WAL end when it was sent."""
+
+    wal_start: int
+    wal_end: int
+    payload: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    wal_end: int
+    reply_requested: bool
+
+
+def parse_copy_data(data: memoryview) -> XLogData | Keepalive:
+    """Frame one CopyData message from the walsender."""
+    tag = data[0]
+    if tag == 0x77:  # 'w'
+        start, end, _sent = _XLOG_HEADER.unpack_from(data, 1)
+        return XLogData(start, end, data[25:])
+    if tag == 0x6B:  # 'k'
+        end, _sent, reply = _KEEPALIVE.unpack_from(data, 1)
+        return Keepalive(end, bool(reply))
+    raise PipelineError(
+        ErrorKind.TRANSIENT_SOURCE,
+        f"unexpected replication message tag {bytes(data[:1])!r}",
+        hint="the server sent something this consumer does not understand; it reconnects",
+    )
+
+
+def standby_status(*, write: int, flush: int, reply: bool = False) -> bytes:
+    """A standby status update ('r'): flush is what the slot may advance to."""
+    now_us = time.time_ns() // 1000 - _PG_EPOCH_OFFSET_US
+    return _STATUS.pack(b"r", write, flush, flush, now_us, int(reply))
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    confirmed_flush_lsn: int
+    active_pid: int | None
+
+
+class ReplicationStream:
+    """Owns one replication connection and the LSN feedback it sends."""
+
+    def __init__(self, conn: psycopg.Connection[Any], slot: str, publication: str) -> None:
+        self._conn = conn
+        self._slot = slot
+        self._publication = publication
+        self._sent_write = 0
+        self._sent_flush = 0
+        self.last_status_at = 0.0
+
+    @classmethod
+    def connect(cls, url: str, slot: str, publication: str) -> ReplicationStream:
+        with _source_errors("connect for replication"):
+            conn = psycopg.connect(url, autocommit=True, replication="database")
+        return cls(conn, slot, publication)
+
+    def slot_state(self) -> SlotState:
+        """The slot's confirmed position and holder; refuses to go on if it is missing."""
+        with _source_errors("read slot state"):
+            row = self._conn.execute(
+                "SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots"
+                f" WHERE slot_name = '{self._slot}'"
+            ).fetchone()
+        if row is None:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"replication slot {self._slot} does not exist",
+                hint="run `python -m cdc_consumer migrate` (creates the slot), or check CDC_SLOT",
+            )
+        hi, lo = str(row[0]).split("/")
+        return SlotState((int(hi, 16) << 32) | int(lo, 16), row[1])
+
+    def start(self) -> SlotState:
+        """START_REPLICATION from the slot's confirmed position; names who holds it if busy."""
+        state = self.slot_state()
+        if state.active_pid is not None:
+            raise PipelineError(
+                ErrorKind.TRANSIENT_SOURCE,
+                f"replication slot {self._slot} is active for PID {state.active_pid}",
+                hint="another consumer (or a stale walsender) holds the slot; retrying",
+            )
+        options = f"proto_version '1', publication_names '{self._publication}', messages 'true'"
+        with _source_errors("start replication"):
+            self._conn.execute(f"START_REPLICATION SLOT {self._slot} LOGICAL 0/0 ({options})")
+        self._sent_write = self._sent_flush = state.confirmed_flush_lsn
+        log.info("replication started", slot=self._slot, lsn=lsn_to_str(state.confirmed_flush_lsn))
+        return state
+
+    def read(self, timeout: float) -> XLogData | Keepalive | None:
+        """The next message, or None if none arrived within `timeout` seconds."""
+        pgconn = self._conn.pgconn
+        with _source_errors("read the replication stream"):
+            size, data = pgconn.get_copy_data(1)
+            if size == 0:
+                ready, _, _ = select.select([pgconn.socket], [], [], timeout)
+                if not ready:
+                    return None
+                pgconn.consume_input()
+                size, data = pgconn.get_copy_data(1)
+                if size == 0:
+                    return None
+        if size < 0 or not isinstance(data, memoryview | bytes):
+            message = (pgconn.error_message or b"").decode(errors="replace").strip()
+            raise PipelineError(
+                ErrorKind.TRANSIENT_SOURCE,
+                f"replication stream ended: {message or 'server closed the stream'}",
+                hint="PostgreSQL restarted or dropped the connection; reconnecting",
+            )
+        return parse_copy_data(memoryview(data))
+
+    def send_status(self, *, write: int, flush: int, reply: bool = False) -> None:
+        """Report progress; positions never move backwards."""
+        self._sent_write = max(self._sent_write, write, flush)
+        self._sent_flush = max(self._sent_flush, flush)
+        pgconn = self._conn.pgconn
+        with _source_errors("send standby status"):
+            message = standby_status(write=self._sent_write, flush=self._sent_flush, reply=reply)
+            if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
+                raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
+        self.last_status_at = time.monotonic()
+
+    @property
+    def confirmed(self) -> int:
+        return self._sent_flush
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@contextmanager
+def _source_errors(doing: str) -> Iterator[None]:
+    """Wrap a psycopg failure as a transient source error naming what was being done."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        busy = "is active for PID" in detail
+        raise PipelineError(
+            ErrorKind.TRANSIENT_SOURCE,
+            f"could not {doing}: {detail}",
+            hint=(
+                "another consumer holds the slot; retrying"
+                if busy
+                else "check DATABASE_URL and that PostgreSQL is up; reconnecting"
+            ),
+        ) from exc

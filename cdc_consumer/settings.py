@@ -1,0 +1,86 @@
+"""Consumer configuration, read once from the environment (12-factor) in the entry point.
+
+Nothing else in the consumer reads `os.environ`: the settings object is built in `__main__`
+and passed down. A missing or malformed variable stops the process with one line naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _postgres_identifier(value: str) -> str:
+    # Slot and publication names go into replication commands that take no parameters
+    # (the walsender speaks only the simple-query protocol), so they are validated here.
+    if not _IDENTIFIER.match(value):
+        raise ValueError("must be a lowercase identifier: letters, digits, underscore")
+    return value
+
+
+def _clickhouse_url(value: SecretStr) -> SecretStr:
+    parts = urlsplit(value.get_secret_value())
+    if parts.scheme not in {"http", "https", "chdb"}:
+        raise ValueError("must be http(s)://user:pass@host:port/db or chdb:///path")
+    if parts.scheme == "chdb" and not parts.path:
+        raise ValueError("chdb:// needs a data directory, e.g. chdb:///var/lib/event_log")
+    if parts.scheme != "chdb" and not parts.hostname:
+        raise ValueError("needs a host")
+    return value
+
+
+def _postgres_url(value: SecretStr) -> SecretStr:
+    if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
+        raise ValueError("must be postgresql://user:pass@host:port/db")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_postgres_identifier)]
+
+
+class ConsumerSettings(BaseSettings):
+    """Everything the consumer can be told. Defaults are production-sane; see .env.example."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    database_url: Annotated[SecretStr, AfterValidator(_postgres_url)]
+    clickhouse_url: Annotated[SecretStr, AfterValidator(_clickhouse_url)]
+    sentry_dsn: SecretStr | None = None
+    environment: str = "development"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    cdc_slot: Identifier = "event_outbox_slot"
+    cdc_publication: Identifier = "event_outbox_pub"
+    # ClickHouse guidance: >= 1,000 rows per insert, ideally 10k-100k, about one insert a second.
+    cdc_batch_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
+    cdc_batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    cdc_batch_max_seconds: float = Field(default=1.0, gt=0, le=600)
+    # Must stay well inside the server's wal_sender_timeout (60 s in postgres.conf).
+    cdc_status_interval_seconds: float = Field(default=10.0, gt=0, le=300)
+    cdc_retry_max_seconds: float = Field(default=30.0, gt=0)
+    cdc_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+
+
+def load_settings() -> ConsumerSettings:
+    """Build settings from the environment or exit with one line naming the bad variable."""
+    try:
+        return ConsumerSettings()  # type: ignore[call-arg]  # fields come from the environment
+    except ValidationError as exc:
+        raise SystemExit(describe_invalid_settings(exc)) from None
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """One line per bad variable, naming it as the operator typed it (upper case)."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).upper() if error["loc"] else "?"
+        reason = "is required" if error["type"] == "missing" else error["msg"]
+        lines.append(f"configuration error: {name} {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""The contract between the pipeline and wherever events are delivered."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+
+class SourcePosition(NamedTuple):
+    """Where an event sits in the source WAL: its transaction's commit LSN, then its order."""
+
+    lsn: int
+    seq: int
+
+
+ORIGIN = SourcePosition(0, 0)
+
+
+class EventSink(Protocol):
+    """A destination for encoded outbox events.
+
+    Delivery contract: the pipeline calls `write` with batches in source order and confirms the
+    source position only after `write` returned. `write` either makes every row of the batch
+    durable or raises; it is called again with the same batch after a failure (at-least-once),
+    so a sink must tolerate a batch it has already stored. `high_watermark` returns the highest
+    source position stored, which the pipeline skips up to after a restart (exactly-once).
+    """
+
+    def write(self, rows: list[bytes]) -> None: ...
+
+    def high_watermark(self) -> SourcePosition: ...
+
+    def close(self) -> None: ...

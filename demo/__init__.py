@@ -1,0 +1,1 @@
+"""Embedded, disposable engines for `make demo` and the tests: nothing to install, no Docker."""

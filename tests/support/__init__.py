@@ -1,0 +1,1 @@
+"""Test support: fixtures and fakes at the edge of the process."""
