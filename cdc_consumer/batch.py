@@ -1,8 +1,8 @@
 """Accumulates encoded outbox rows into batches cut at transaction boundaries.
 
 A batch is cut when it reaches CDC_BATCH_MAX_ROWS or CDC_BATCH_MAX_BYTES at a commit, or when
-its oldest row is CDC_BATCH_MAX_SECONDS old. A transaction larger than a batch is split (memory
-stays bounded), but a batch only carries a confirm LSN for transactions it completes: the slot
+its oldest row is CDC_BATCH_MAX_SECONDS old. A transaction that alone reaches a limit is split
+(memory stays bounded at about two batches), but a batch only carries a confirm LSN for transactions it completes: the slot
 is never confirmed into the middle of a transaction, where a restart would lose events that
 share its commit LSN.
 """
@@ -60,7 +60,11 @@ class BatchBuilder:
             self._started_at = self._clock()
         batch.rows.append(row)
         batch.nbytes += len(row)
-        if len(batch.rows) >= self._max_rows or batch.nbytes >= self._max_bytes:
+        open_rows = len(batch.rows) - self._complete_rows
+        open_bytes = batch.nbytes - self._complete_bytes
+        if open_rows >= self._max_rows or open_bytes >= self._max_bytes:
+            # Only a transaction that alone fills a batch is split; otherwise the batch waits
+            # for the commit, so the buffer holds at most about two batches' worth.
             return self._cut(keep_open_rows=False)
         return None
 
