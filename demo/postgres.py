@@ -106,7 +106,6 @@ class DisposablePostgres:
             out.write(POSTGRES_CONF.read_text())
             out.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n")
             out.write(f"unix_socket_directories = '{self.root}'\n")
-            out.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
 
     def start(self) -> None:
         if not (self.pgdata / "PG_VERSION").exists():
