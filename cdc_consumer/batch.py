@@ -2,9 +2,9 @@
 
 A batch is cut when it reaches CDC_BATCH_MAX_ROWS or CDC_BATCH_MAX_BYTES at a commit, or when
 its oldest row is CDC_BATCH_MAX_SECONDS old. A transaction that alone reaches a limit is split
-(memory stays bounded at about two batches), but a batch only carries a confirm LSN for transactions it completes: the slot
-is never confirmed into the middle of a transaction, where a restart would lose events that
-share its commit LSN.
+(memory stays bounded at about two batches), but a batch only carries a confirm LSN for
+transactions it completes: the slot is never confirmed into the middle of a transaction, where
+a restart would lose events that share its commit LSN.
 """
 
 from __future__ import annotations

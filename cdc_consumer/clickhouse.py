@@ -78,12 +78,13 @@ class HttpTransport:
 
 
 class ChdbTransport:
+    # chdb ships py.typed but no annotations, hence the no-untyped-call ignores below.
     """The ClickHouse engine in process: one data directory per process, one query at a time."""
 
     def __init__(self, path: str, database: str = "default") -> None:
         from chdb.session import Session  # noqa: PLC0415  (~260 MB: load only when asked)
 
-        self._session = Session(path)
+        self._session = Session(path)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
         if database != "default":
             self.command(f"CREATE DATABASE IF NOT EXISTS {database}")
@@ -91,7 +92,7 @@ class ChdbTransport:
 
     def _query(self, sql: str, fmt: str = "CSV") -> bytes:
         with self._lock, _sink_errors():
-            return bytes(self._session.query(sql, fmt).bytes())
+            return bytes(self._session.query(sql, fmt).bytes())  # type: ignore[no-untyped-call]
 
     def command(self, sql: str) -> None:
         self._query(sql)
@@ -107,7 +108,7 @@ class ChdbTransport:
         self._query(head + body.decode())
 
     def close(self) -> None:
-        self._session.close()
+        self._session.close()  # type: ignore[no-untyped-call]
 
 
 def _settings_clause(settings: dict[str, str]) -> str:

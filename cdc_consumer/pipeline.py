@@ -20,7 +20,7 @@ from cdc_consumer import pgoutput
 from cdc_consumer.batch import Batch, BatchBuilder
 from cdc_consumer.clickhouse import EventLogEncoder
 from cdc_consumer.delivery import SinkWorker, backoff_delay
-from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.replication import Keepalive, ReplicationStream
 from cdc_consumer.settings import ConsumerSettings
 from cdc_consumer.sink import EventSink, SourcePosition
@@ -73,9 +73,22 @@ class _Session:
 
     stream: ReplicationStream
     watermark: SourcePosition
-    received: int
     tx: _Transaction = field(default_factory=_Transaction)
     encoders: dict[int, EventLogEncoder | None] = field(default_factory=dict)
+
+
+def _refuse_foreign_watermark(watermark: SourcePosition, server_lsn: int) -> None:
+    """Positions are only comparable within one PostgreSQL WAL history. A watermark ahead of the
+    server means event_log was filled from another server, and skipping up to it would drop
+    this server's events silently."""
+    if watermark.lsn > server_lsn:
+        raise PipelineError(
+            ErrorKind.CONFIGURATION,
+            f"event_log holds source position {pgoutput.lsn_to_str(watermark.lsn)}, ahead of"
+            f" this server's WAL at {pgoutput.lsn_to_str(server_lsn)}",
+            hint="event_log was filled from another PostgreSQL; point CLICKHOUSE_URL at this"
+            " source's own database",
+        )
 
 
 class Pipeline:
@@ -128,8 +141,9 @@ class Pipeline:
             self._settings.cdc_publication,
         )
         try:
-            state = stream.start()
-            session = _Session(stream, watermark, state.confirmed_flush_lsn)
+            _refuse_foreign_watermark(watermark, stream.server_wal_lsn())
+            stream.start()
+            session = _Session(stream, watermark)
             log.info(
                 "streaming",
                 slot=self._settings.cdc_slot,
@@ -149,13 +163,11 @@ class Pipeline:
             timeout = min(_POLL_SECONDS, self._builder.seconds_until_due())
             message = s.stream.read(timeout)
             if isinstance(message, Keepalive):
-                s.received = max(s.received, message.wal_end)
                 if self._nothing_buffered(s):
                     self._report(s, due_every=interval, flush=message.wal_end)
                 if message.reply_requested:
                     self._report(s, due_every=0)
             elif message is not None:
-                s.received = max(s.received, message.wal_end)
                 self._handle(s, pgoutput.decode(message.payload))
             batch = self._builder.due()
             if batch is not None:
@@ -196,7 +208,7 @@ class Pipeline:
         target = max(self._worker.durable_lsn, flush or 0, s.stream.confirmed)
         overdue = time.monotonic() - s.stream.last_status_at >= due_every
         if target > s.stream.confirmed or overdue:
-            s.stream.send_status(write=s.received, flush=target)
+            s.stream.send_status(flush=target)
 
     def _nothing_buffered(self, s: _Session) -> bool:
         return not s.tx.open and self._builder.is_empty and self._worker.idle

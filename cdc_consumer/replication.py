@@ -2,8 +2,14 @@
 
 Facts this module is built on (PostgreSQL's protocol docs and walsender source):
 - The walsender advances a logical slot only from the *flush* field of a standby status update
-  ('r'). We send write = the newest WAL position received, flush = apply = the newest position
-  whose events are durable in ClickHouse, and never move either backwards.
+  ('r'). We send flush = apply = the newest position whose events are durable in ClickHouse,
+  never moving backwards.
+- We report *write* equal to flush, not the newest position received. A logical walsender that
+  has caught up sends an unsolicited keepalive carrying its WAL end only while the client's
+  write and flush are both behind it; reporting the received position as written would silence
+  those keepalives, and a slot with no outbox traffic could then only advance every
+  wal_sender_timeout / 2. (Measured: with write = received, the slot trailed other tables'
+  WAL for over 60 s.)
 - A keepalive ('k') whose reply flag is set must be answered at once, and status must be sent
   on a timer well inside `wal_sender_timeout`, even while an insert is slow.
 - `START_REPLICATION SLOT s LOGICAL 0/0` resumes at the slot's `confirmed_flush_lsn`.
@@ -25,7 +31,7 @@ import psycopg
 import structlog
 
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.pgoutput import lsn_to_str
+from cdc_consumer.pgoutput import lsn_to_str, str_to_lsn
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +92,6 @@ class ReplicationStream:
         self._conn = conn
         self._slot = slot
         self._publication = publication
-        self._sent_write = 0
         self._sent_flush = 0
         self.last_status_at = 0.0
 
@@ -109,8 +114,13 @@ class ReplicationStream:
                 f"replication slot {self._slot} does not exist",
                 hint="run `python -m cdc_consumer migrate` (creates the slot), or check CDC_SLOT",
             )
-        hi, lo = str(row[0]).split("/")
-        return SlotState((int(hi, 16) << 32) | int(lo, 16), row[1])
+        return SlotState(str_to_lsn(str(row[0])), row[1])
+
+    def server_wal_lsn(self) -> int:
+        """The server's current WAL flush position (IDENTIFY_SYSTEM's xlogpos)."""
+        with _source_errors("identify the system"):
+            row = self._conn.execute("IDENTIFY_SYSTEM").fetchone()
+        return str_to_lsn(str(row[2])) if row else 0
 
     def start(self) -> SlotState:
         """START_REPLICATION from the slot's confirmed position; names who holds it if busy."""
@@ -124,7 +134,7 @@ class ReplicationStream:
         options = f"proto_version '1', publication_names '{self._publication}', messages 'true'"
         with _source_errors("start replication"):
             self._conn.execute(f"START_REPLICATION SLOT {self._slot} LOGICAL 0/0 ({options})")
-        self._sent_write = self._sent_flush = state.confirmed_flush_lsn
+        self._sent_flush = state.confirmed_flush_lsn
         log.info("replication started", slot=self._slot, lsn=lsn_to_str(state.confirmed_flush_lsn))
         return state
 
@@ -150,13 +160,12 @@ class ReplicationStream:
             )
         return parse_copy_data(memoryview(data))
 
-    def send_status(self, *, write: int, flush: int, reply: bool = False) -> None:
-        """Report progress; positions never move backwards."""
-        self._sent_write = max(self._sent_write, write, flush)
+    def send_status(self, *, flush: int, reply: bool = False) -> None:
+        """Report `flush` as written, flushed and applied; it never moves backwards."""
         self._sent_flush = max(self._sent_flush, flush)
         pgconn = self._conn.pgconn
         with _source_errors("send standby status"):
-            message = standby_status(write=self._sent_write, flush=self._sent_flush, reply=reply)
+            message = standby_status(write=self._sent_flush, flush=self._sent_flush, reply=reply)
             if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
                 raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
         self.last_status_at = time.monotonic()

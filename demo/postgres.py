@@ -39,7 +39,8 @@ def _ensure_system_user() -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(_SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", _SYSTEM_USER], check=True)  # noqa: S607
+        useradd = ["useradd", "--system", "--no-create-home", _SYSTEM_USER]
+        subprocess.run(useradd, check=True)  # noqa: S603  (fixed arguments)
         entry = pwd.getpwnam(_SYSTEM_USER)
     return entry.pw_uid, entry.pw_gid
 

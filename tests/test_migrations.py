@@ -70,9 +70,14 @@ def test_clickhouse_real_files_apply_once_and_refuse_edits(tmp_path):
     transport = ChdbTransport(str(tmp_path / "ch"))
     try:
         applied = migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
-        assert applied == [f.name for f in migrations.migration_files(migrations.SQL_ROOT / "clickhouse")]
+        assert applied == [
+            f.name for f in migrations.migration_files(migrations.SQL_ROOT / "clickhouse")
+        ]
         assert migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse") == []
-        columns = {row[0] for row in transport.select("SELECT name FROM system.columns WHERE table = 'event_log'")}
+        columns = {
+            row[0]
+            for row in transport.select("SELECT name FROM system.columns WHERE table = 'event_log'")
+        }
         assert {"event_id", "event_context", "event_context_raw", "source_lsn"} <= columns
         edited = tmp_path / "edited"
         for file in migrations.migration_files(migrations.SQL_ROOT / "clickhouse"):

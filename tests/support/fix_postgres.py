@@ -52,19 +52,6 @@ def postgres_server() -> DisposablePostgres:
     return _SERVER
 
 
-@pytest.fixture(scope="session")
-def django_db_setup(django_db_blocker: Any, postgres_url: str) -> None:
-    """Use the disposable database as is: Django's migrations plus our sql/ runner."""
-    from django.core.management import call_command
-
-    from cdc_consumer import migrations
-
-    with django_db_blocker.unblock():
-        call_command("migrate", verbosity=0)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
-
-
 @pytest.fixture
 def pg_conn(postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection for checks outside Django."""

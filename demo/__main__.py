@@ -1,0 +1,127 @@
+"""`make demo`: the whole pipeline on embedded engines, end to end, with a verdict.
+
+A disposable PostgreSQL from the wheel (configured by postgres.conf), ClickHouse in process
+through chDB, the real consumer as a subprocess, and N users created through the Django
+service, each publishing `user_created` in its own transaction. The demo waits until the
+slot's confirmed position covers the last event (the consumer confirms only what ClickHouse
+holds), stops the consumer with SIGTERM, counts what ClickHouse has, and prints one JSON line.
+Exit code 0 only if every event arrived exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from demo.postgres import DisposablePostgres
+
+_WAIT_LIMIT_SECONDS = 600
+
+
+def _lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def _confirmed(conn: psycopg.Connection[tuple[str | None]], slot: str) -> int:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    return _lsn(row[0]) if row and row[0] else 0
+
+
+def _publish(events: int) -> float:
+    """Create `events` users through the service; returns the seconds it took."""
+    import django  # noqa: PLC0415  (after DATABASE_URL is set)
+
+    django.setup()
+    from django.core.management import call_command  # noqa: PLC0415
+
+    from web.accounts.services import user_create  # noqa: PLC0415
+
+    call_command("migrate", verbosity=0)
+    started = time.perf_counter()
+    for n in range(events):
+        user_create(email=f"user{n}@demo.example", first_name="Demo", last_name=f"User {n}")
+    return time.perf_counter() - started
+
+
+def _count(chdb_path: Path) -> tuple[int, int]:
+    from cdc_consumer.clickhouse import ChdbTransport  # noqa: PLC0415
+
+    transport = ChdbTransport(str(chdb_path))
+    try:
+        rows = transport.select("SELECT count(), uniqExact(event_id) FROM event_log")
+    finally:
+        transport.close()
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
+    parser.add_argument("--events", type=int, default=10_000)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-demo-"))
+    postgres = DisposablePostgres(root=workdir / "postgres")
+    postgres.start()
+    chdb_path = workdir / "clickhouse"
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres.url,
+        "CLICKHOUSE_URL": f"chdb://{chdb_path}",
+        "ENVIRONMENT": os.environ.get("ENVIRONMENT", "demo"),
+        "DJANGO_SECRET_KEY": os.environ.get("DJANGO_SECRET_KEY", "demo-only-secret-key"),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "info"),
+    }
+    os.environ.update(env)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "web.settings")
+    slot = env.get("CDC_SLOT", "event_outbox_slot")
+    consumer_log = workdir / "consumer.log"
+    try:
+        subprocess.run([sys.executable, "-m", "cdc_consumer", "migrate"], env=env, check=True)
+        with consumer_log.open("w") as log_file:
+            consumer = subprocess.Popen(
+                [sys.executable, "-m", "cdc_consumer", "run"], env=env, stderr=log_file
+            )
+            started = time.perf_counter()
+            publish_seconds = _publish(args.events)
+            with psycopg.connect(postgres.url, autocommit=True) as conn:
+                target = _lsn(str(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
+                deadline = time.monotonic() + _WAIT_LIMIT_SECONDS
+                while _confirmed(conn, slot) < target and consumer.poll() is None:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+            seconds = time.perf_counter() - started
+            consumer.send_signal(signal.SIGTERM)
+            consumer_exit = consumer.wait(timeout=60)
+        inserts = sum('"batch written"' in line for line in consumer_log.read_text().splitlines())
+        delivered, distinct = _count(chdb_path)
+    finally:
+        postgres.destroy()
+    result = {
+        "published": args.events,
+        "delivered": distinct,
+        "duplicates": delivered - distinct,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(distinct / seconds, 1) if seconds else 0.0,
+        "publish_seconds": round(publish_seconds, 3),
+        "clickhouse_inserts": inserts,
+        "consumer_exit": consumer_exit,
+    }
+    print(json.dumps(result))
+    ok = distinct == args.events and delivered == distinct and consumer_exit == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""pytest plugin: the real consumer as a subprocess, one slot per test.
+
+The consumer runs exactly as in production (`python -m cdc_consumer run`), so tests can stop it
+with SIGTERM, kill it with SIGKILL, and read its JSON log lines. Tests wait on state changes
+(the slot's confirmed position, rows in ClickHouse), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_consumer.pgoutput import str_to_lsn
+
+WAIT_SECONDS = 60.0
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = WAIT_SECONDS, what: str) -> Any:
+    """Poll `condition` until it returns something truthy; fail naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str_to_lsn(str(row[0]))
+
+
+@dataclass
+class Consumer:
+    """One consumer configuration (its own slot and publication) and its running process."""
+
+    env: dict[str, str]
+    log_path: Path
+    postgres_url: str
+    process: subprocess.Popen[bytes] | None = None
+    _log_file: Any = field(default=None, repr=False)
+
+    @property
+    def slot(self) -> str:
+        return self.env["CDC_SLOT"]
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cdc_consumer", *args],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def migrate(self) -> None:
+        result = self.cli("migrate")
+        assert result.returncode == 0, result.stderr
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self._log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cdc_consumer", "run"], env=self.env, stderr=self._log_file
+        )
+        wait_for(lambda: self.slot_active() or self.process.poll() is not None, what="slot active")  # type: ignore[union-attr]
+        assert self.process.poll() is None, self.log_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self._log_file.close()
+        # The walsender lets go of the slot a moment after the client disappears.
+        wait_for(lambda: not self.slot_active(), what="slot released")
+        return code
+
+    def slot_row(self) -> tuple[Any, ...] | None:
+        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (self.slot,),
+            ).fetchone()
+
+    def slot_active(self) -> bool:
+        row = self.slot_row()
+        return bool(row and row[0])
+
+    def confirmed_lsn(self) -> int:
+        row = self.slot_row()
+        return str_to_lsn(row[1]) if row and row[1] else 0
+
+    def wait_confirmed(self, lsn: int, timeout: float = WAIT_SECONDS) -> None:
+        """Wait until the slot is confirmed at or past `lsn` (i.e. ClickHouse holds it)."""
+
+        def reached() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                pytest.fail(f"consumer exited early:\n{self.log_text()}")
+            return self.confirmed_lsn() >= lsn
+
+        wait_for(reached, timeout=timeout, what=f"slot {self.slot} confirmed")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+        return events
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
+            wait_for(lambda: not self.slot_active(), what="slot released")
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (self.slot,),
+            )
+
+
+@pytest.fixture
+def make_consumer(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., Consumer]]:
+    """Build consumers for a ClickHouse URL, each with its own slot; dropped after the test."""
+    made: list[Consumer] = []
+
+    def make(clickhouse_url: str, **overrides: str) -> Consumer:
+        name = f"t{uuid.uuid4().hex[:10]}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CDC_", "PYTEST_"))},
+            "DATABASE_URL": postgres_url,
+            "CLICKHOUSE_URL": clickhouse_url,
+            "CDC_SLOT": f"{name}_slot",
+            "CDC_PUBLICATION": f"{name}_pub",
+            "CDC_BATCH_MAX_SECONDS": "0.2",
+            "CDC_STATUS_INTERVAL_SECONDS": "1",
+            "CDC_RETRY_MAX_SECONDS": "1",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "info",
+            **overrides,
+        }
+        consumer = Consumer(env=env, log_path=tmp_path / f"{name}.log", postgres_url=postgres_url)
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        consumer.close()

@@ -1,0 +1,1 @@
+"""Tests of the Django side: settings, observability, the outbox publish helper, accounts."""

@@ -1,0 +1,88 @@
+"""POST /api/users/: a thin JSON view over user_create."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from web.outbox.models import EventOutbox
+
+pytestmark = pytest.mark.django_db
+
+_URL = "/api/users/"
+_BODY = {"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}
+
+
+def _post(client: Client, body: dict[str, Any] | str) -> Any:
+    # The test client JSON-encodes a dict; a string is sent as is (for malformed bodies).
+    return client.post(_URL, data=body, content_type="application/json")
+
+
+def test_created(client):
+    """A valid body gives 201 with the new user's id and email, and a user_created event."""
+    response = _post(client, _BODY)
+    assert response.status_code == 201
+    user = User.objects.get()
+    assert response.json() == {"id": user.pk, "email": "ada@example.com"}
+    assert EventOutbox.objects.filter(event_type="user_created").count() == 1
+
+
+def test_created_with_password(client, fast_passwords):
+    """An optional password is accepted and never echoed back."""
+    response = _post(client, {**_BODY, "password": "s3cret-pass"})
+    assert response.status_code == 201
+    assert "s3cret-pass" not in response.content.decode()
+    assert User.objects.get().check_password("s3cret-pass")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": "ada@example.com", "first_name": "Ada"}, "last_name"),
+        ({**_BODY, "is_superuser": True}, "is_superuser"),
+        ({**_BODY, "first_name": 7}, "first_name"),
+        ("{not json", "body"),
+        ("[]", "body"),
+    ],
+    ids=["missing-field", "unknown-field", "wrong-type", "not-json", "not-an-object"],
+)
+def test_malformed_body_is_400(client, body, field):
+    """A body of the wrong shape gives 400 naming the field, and writes nothing."""
+    response = _post(client, body)
+    assert response.status_code == 400
+    payload = response.json()
+    assert payload["error"] == "invalid request"
+    assert field in payload["fields"]
+    assert not User.objects.exists()
+    assert not EventOutbox.objects.exists()
+
+
+def test_invalid_email_is_400(client):
+    """A malformed email gives 400 under the `email` field."""
+    response = _post(client, {**_BODY, "email": "not an email"})
+    assert response.status_code == 400
+    assert list(response.json()["fields"]) == ["email"]
+
+
+def test_password_is_not_echoed_in_errors(client):
+    """Validation errors never repeat the submitted values (the password included)."""
+    response = _post(client, {"email": "x@example.com", "password": "hunter2-secret"})
+    assert response.status_code == 400
+    assert "hunter2-secret" not in response.content.decode()
+
+
+def test_duplicate_email_is_409(client):
+    """A second user with the same email gives 409 and no second event."""
+    assert _post(client, _BODY).status_code == 201
+    response = _post(client, {**_BODY, "first_name": "Other"})
+    assert response.status_code == 409
+    assert response.json() == {"error": "a user with this email already exists"}
+    assert EventOutbox.objects.filter(event_type="user_created").count() == 1
+
+
+def test_only_post_is_allowed(client):
+    """GET on the collection is 405 (there is no listing)."""
+    assert client.get(_URL).status_code == 405

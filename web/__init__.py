@@ -1,0 +1,1 @@
+"""The Django project: settings, the outbox publish helper and the example `accounts` domain."""

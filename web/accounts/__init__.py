@@ -1,0 +1,1 @@
+"""The example domain: creating a user publishes `user_created` in the same transaction."""

@@ -1,0 +1,96 @@
+"""Web configuration, read once from the environment (12-factor) by `web.settings`.
+
+Nothing else in `web/` reads `os.environ`: `web.settings` builds one `WebSettings` and derives
+Django's settings from it. Building it has no side effects (no logging or Sentry set-up); the
+entry points do that. A missing or malformed variable stops the process with one line naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Used only when DJANGO_DEBUG is true and DJANGO_SECRET_KEY is unset, so `runserver` works on a
+# laptop with nothing but DATABASE_URL. Never accepted with DEBUG off: see _secret_key below.
+DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-never-use-with-debug-off"  # noqa: S105
+
+
+def _postgres_url(value: SecretStr) -> SecretStr:
+    if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
+        raise ValueError("must be postgresql://user:pass@host:port/db")
+    return value
+
+
+def _comma_list(value: object) -> object:
+    # Operators write `a.example,b.example`; pydantic-settings would otherwise expect JSON.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class WebSettings(BaseSettings):
+    """Everything the web process can be told. Defaults are production-sane; see .env.example."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    database_url: Annotated[SecretStr, AfterValidator(_postgres_url)]
+    environment: str = Field(default="development", min_length=1)
+    # Declared before the secret key: its validator reads the already-validated debug flag.
+    django_debug: bool = False
+    django_secret_key: SecretStr = Field(default=SecretStr(""), validate_default=True)
+    django_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = [
+        "localhost",
+        "127.0.0.1",
+    ]
+    sentry_dsn: SecretStr | None = None
+    # Share of requests traced as Sentry transactions; 0 sends errors only.
+    sentry_traces_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    # Upper bound on one event's serialised context. Contexts are audit facts, not documents;
+    # the row also travels through the WAL and one ClickHouse batch.
+    outbox_max_context_bytes: int = Field(default=65_536, gt=0, le=256 * 1024 * 1024)
+
+    @field_validator("django_secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        if value.get_secret_value():
+            return value
+        if info.data.get("django_debug") is True:
+            return SecretStr(DEVELOPMENT_SECRET_KEY)
+        raise ValueError("is required unless DJANGO_DEBUG is true")
+
+
+def load_settings() -> WebSettings:
+    """Build settings from the environment or exit with one line naming the bad variable."""
+    try:
+        return WebSettings()  # type: ignore[call-arg]  # fields come from the environment
+    except ValidationError as exc:
+        raise SystemExit(describe_invalid_settings(exc)) from None
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """One line per bad variable, naming it as the operator typed it (upper case)."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).upper() if error["loc"] else "?"
+        if error["type"] == "missing":
+            reason = "is required"
+        elif error["type"] == "value_error":
+            # Our own validators' words, without pydantic's "Value error, " prefix.
+            reason = str(error.get("ctx", {}).get("error", error["msg"]))
+        else:
+            reason = error["msg"]
+        lines.append(f"configuration error: {name} {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Django settings, derived from one `WebSettings` read from the environment.
+
+No value here is a literal URL, host or secret: each comes from `web.config`, which documents
+the variables. Logging is handed to Django's LOGGING_CONFIG hook (see `web.observability`), so
+importing this module has no side effects beyond reading the environment.
+"""
+
+from __future__ import annotations
+
+import dj_database_url
+
+from web.config import load_settings
+from web.observability import logging_dict_config
+
+_web = load_settings()
+
+SECRET_KEY = _web.django_secret_key.get_secret_value()
+DEBUG = _web.django_debug
+ALLOWED_HOSTS = _web.django_allowed_hosts
+
+DATABASES = {
+    "default": dj_database_url.parse(_web.database_url.get_secret_value(), conn_health_checks=True),
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "web.outbox",
+    "web.accounts",
+]
+# A JSON API without sessions or templates: no session, auth or message middleware.
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+ROOT_URLCONF = "web.urls"
+WSGI_APPLICATION = "web.wsgi.application"
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-us"
+USE_I18N = False
+
+LOGGING_CONFIG = "web.observability.configure_logging"
+LOGGING = logging_dict_config(level=_web.log_level, log_format=_web.log_format)
+
+# Project settings, read by our code through django.conf.settings (tests override them there).
+ENVIRONMENT = _web.environment  # written into every outbox row; also Sentry's environment
+OUTBOX_MAX_CONTEXT_BYTES = _web.outbox_max_context_bytes
+SENTRY_DSN = _web.sentry_dsn  # a SecretStr: masked in reprs and Django's debug page
+SENTRY_TRACES_SAMPLE_RATE = _web.sentry_traces_sample_rate
