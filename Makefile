@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 EVENTS ?= 10000
+WORKERS ?= 4
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: demo test lint venv clean
@@ -15,7 +16,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 venv: $(VENV)/.synced
 
 demo: venv
-	$(VENV)/bin/python -m demo --events $(EVENTS)
+	$(VENV)/bin/python -m demo --events $(EVENTS) --workers $(WORKERS)
 
 test: venv
 	$(VENV)/bin/pytest

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -39,19 +40,29 @@ def _confirmed(conn: psycopg.Connection[tuple[str | None]], slot: str) -> int:
     return _lsn(row[0]) if row and row[0] else 0
 
 
-def _publish(events: int) -> float:
-    """Create `events` users through the service; returns the seconds it took."""
+def _publish(events: int, workers: int) -> float:
+    """Create `events` users through the service from `workers` threads, as concurrent requests
+    would; returns the seconds it took."""
     import django  # noqa: PLC0415  (after DATABASE_URL is set)
 
     django.setup()
     from django.core.management import call_command  # noqa: PLC0415
+    from django.db import connection  # noqa: PLC0415
 
     from web.accounts.services import user_create  # noqa: PLC0415
 
     call_command("migrate", verbosity=0)
+
+    def create_range(worker: int) -> None:
+        try:
+            for n in range(worker, events, workers):
+                user_create(email=f"user{n}@demo.example", first_name="Demo", last_name=f"#{n}")
+        finally:
+            connection.close()
+
     started = time.perf_counter()
-    for n in range(events):
-        user_create(email=f"user{n}@demo.example", first_name="Demo", last_name=f"User {n}")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(create_range, range(workers)))
     return time.perf_counter() - started
 
 
@@ -69,6 +80,7 @@ def _count(chdb_path: Path) -> tuple[int, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=4, help="concurrent publishers")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="outbox-demo-"))
     postgres = DisposablePostgres(root=workdir / "postgres")
@@ -82,7 +94,9 @@ def main() -> int:
         "DJANGO_SECRET_KEY": os.environ.get("DJANGO_SECRET_KEY", "demo-only-secret-key"),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "info"),
     }
-    os.environ.update(env)
+    # The consumer logs every batch to its own file; the publishers stay quiet on the terminal.
+    web_env = {"LOG_LEVEL": os.environ.get("DEMO_WEB_LOG_LEVEL", "warning")}
+    os.environ.update(env | web_env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "web.settings")
     slot = env.get("CDC_SLOT", "event_outbox_slot")
     consumer_log = workdir / "consumer.log"
@@ -93,7 +107,7 @@ def main() -> int:
                 [sys.executable, "-m", "cdc_consumer", "run"], env=env, stderr=log_file
             )
             started = time.perf_counter()
-            publish_seconds = _publish(args.events)
+            publish_seconds = _publish(args.events, args.workers)
             with psycopg.connect(postgres.url, autocommit=True) as conn:
                 target = _lsn(str(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
                 deadline = time.monotonic() + _WAIT_LIMIT_SECONDS
@@ -116,6 +130,8 @@ def main() -> int:
         "events_per_s": round(distinct / seconds, 1) if seconds else 0.0,
         "publish_seconds": round(publish_seconds, 3),
         "clickhouse_inserts": inserts,
+        "publish_workers": args.workers,
+        "publish_events_per_s": round(args.events / publish_seconds, 1),
         "consumer_exit": consumer_exit,
     }
     print(json.dumps(result))
