@@ -1,0 +1,94 @@
+"""The consumer's command line, as an operator meets it: bad configuration and `status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "cdc_consumer", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _clean_env(**values: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "PYTHONPATH"}}
+    return {**keep, **values}
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"CLICKHOUSE_URL": "http://ch:8123/default"}, "DATABASE_URL is required"),
+        ({"DATABASE_URL": "postgresql://x@y/z"}, "CLICKHOUSE_URL is required"),
+        (
+            {"DATABASE_URL": "postgresql://x@y/z", "CLICKHOUSE_URL": "ftp://ch/default"},
+            "CLICKHOUSE_URL",
+        ),
+        (
+            {"DATABASE_URL": "mysql://x@y/z", "CLICKHOUSE_URL": "http://ch:8123/default"},
+            "DATABASE_URL",
+        ),
+        (
+            {
+                "DATABASE_URL": "postgresql://x@y/z",
+                "CLICKHOUSE_URL": "http://ch:8123/default",
+                "CDC_BATCH_MAX_ROWS": "lots",
+            },
+            "CDC_BATCH_MAX_ROWS",
+        ),
+        (
+            {
+                "DATABASE_URL": "postgresql://x@y/z",
+                "CLICKHOUSE_URL": "http://ch:8123/default",
+                "CDC_SLOT": "Robert'); DROP TABLE",
+            },
+            "CDC_SLOT",
+        ),
+    ],
+)
+def test_bad_configuration_refuses_to_start_with_one_line(env, needle):
+    """A missing or malformed variable stops the process with one line naming it."""
+    result = _run("run", env=_clean_env(**env))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("configuration error: ")
+    assert needle in lines[0]
+    assert "secret" not in result.stderr
+
+
+def test_configuration_error_never_echoes_the_password():
+    """The line naming a bad URL does not print the credentials in it."""
+    env = _clean_env(DATABASE_URL="postgresql://u:hunter2@db/x", CLICKHOUSE_URL="ftp://u:hunter2@ch/")
+    result = _run("migrate", env=env)
+    assert result.returncode != 0
+    assert "CLICKHOUSE_URL" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_status_reports_the_slot_as_json(make_consumer, clickhouse_server):
+    """`status --json` prints the slot's state and lag for machines; exit 1 before migrate."""
+    consumer = make_consumer(clickhouse_server.url)
+    before = consumer.cli("status", "--json")
+    assert before.returncode == 1
+    assert json.loads(before.stdout)["exists"] is False
+    consumer.migrate()
+    after = consumer.cli("status", "--json")
+    assert after.returncode == 0, after.stderr
+    report = json.loads(after.stdout)
+    assert report["slot"] == consumer.slot
+    assert report["exists"] is True
+    assert report["active"] is False
+    assert report["wal_status"] == "reserved"
+    assert report["lag_bytes"] >= 0
