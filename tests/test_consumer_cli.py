@@ -11,7 +11,7 @@ import pytest
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "cdc_consumer", *args],
         env=env,
         capture_output=True,
@@ -70,7 +70,9 @@ def test_bad_configuration_refuses_to_start_with_one_line(env, needle):
 
 def test_configuration_error_never_echoes_the_password():
     """The line naming a bad URL does not print the credentials in it."""
-    env = _clean_env(DATABASE_URL="postgresql://u:hunter2@db/x", CLICKHOUSE_URL="ftp://u:hunter2@ch/")
+    env = _clean_env(
+        DATABASE_URL="postgresql://u:hunter2@db/x", CLICKHOUSE_URL="ftp://u:hunter2@ch/"
+    )
     result = _run("migrate", env=env)
     assert result.returncode != 0
     assert "CLICKHOUSE_URL" in result.stderr
