@@ -28,6 +28,7 @@ INSERT_SETTINGS: dict[str, str] = {"date_time_input_format": "best_effort"}
 # Integers come back as JSON numbers, so both transports return the same Python values.
 SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
 
+_MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
 _OUTBOX_COLUMNS = (
     "event_id",
     "event_type",
@@ -162,6 +163,16 @@ class EventLogEncoder:
                 hint="run `python -m cdc_consumer migrate` against this database",
             )
         self._index = tuple(names.index(name) for name in _OUTBOX_COLUMNS)
+        self._strings: dict[bytes, bytes] = {}
+
+    def _json_string(self, text: bytes) -> bytes:
+        """JSON string for a low-cardinality text value (event type, environment), memoised."""
+        quoted = self._strings.get(text)
+        if quoted is None:
+            quoted = orjson.dumps(text.decode())
+            if len(self._strings) < _MEMO_LIMIT:
+                self._strings[text] = quoted
+        return quoted
 
     def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
         event_id, event_type, date_time, environment, context, version = (
@@ -187,11 +198,11 @@ class EventLogEncoder:
                 b'{"event_id":"',
                 event_id,
                 b'","event_type":',
-                orjson.dumps(event_type.decode()),
+                self._json_string(event_type),
                 b',"event_date_time":"',
                 date_time,
                 b'","environment":',
-                orjson.dumps(environment.decode()),
+                self._json_string(environment),
                 b',"event_context":',
                 context,
                 b',"event_context_raw":',

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import time
 
 import structlog
 
@@ -105,6 +106,7 @@ class SinkWorker:
         attempt = 0
         while not self._abort.is_set():
             attempt += 1
+            started = time.perf_counter()
             try:
                 self._sink.write(batch.rows)
             except PipelineError as exc:
@@ -126,6 +128,12 @@ class SinkWorker:
                 continue
             self.batches_written += 1
             self.rows_written += len(batch.rows)
-            log.info("batch written", rows=len(batch.rows), bytes=batch.nbytes, attempt=attempt)
+            log.info(
+                "batch written",
+                rows=len(batch.rows),
+                bytes=batch.nbytes,
+                attempt=attempt,
+                seconds=round(time.perf_counter() - started, 3),
+            )
             return True
         return False

@@ -141,7 +141,7 @@ class ReplicationStream:
     def read(self, timeout: float) -> XLogData | Keepalive | None:
         """The next message, or None if none arrived within `timeout` seconds."""
         pgconn = self._conn.pgconn
-        with _source_errors("read the replication stream"):
+        try:  # the hot path: no context manager, one libpq call when data is buffered
             size, data = pgconn.get_copy_data(1)
             if size == 0:
                 ready, _, _ = select.select([pgconn.socket], [], [], timeout)
@@ -151,6 +151,9 @@ class ReplicationStream:
                 size, data = pgconn.get_copy_data(1)
                 if size == 0:
                     return None
+        except psycopg.Error as exc:
+            with _source_errors("read the replication stream"):
+                raise exc from None
         if size < 0 or not isinstance(data, memoryview | bytes):
             message = (pgconn.error_message or b"").decode(errors="replace").strip()
             raise PipelineError(
@@ -158,7 +161,7 @@ class ReplicationStream:
                 f"replication stream ended: {message or 'server closed the stream'}",
                 hint="PostgreSQL restarted or dropped the connection; reconnecting",
             )
-        return parse_copy_data(memoryview(data))
+        return parse_copy_data(data if isinstance(data, memoryview) else memoryview(data))
 
     def send_status(self, *, flush: int, reply: bool = False) -> None:
         """Report `flush` as written, flushed and applied; it never moves backwards."""

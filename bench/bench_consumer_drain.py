@@ -1,0 +1,163 @@
+"""How fast the consumer drains a backlog, against pg_recvlogical on the same WAL.
+
+    .venv/bin/python bench/bench_consumer_drain.py --events 500000 [--tx-size 100] \
+        [--transport chdb|http] [--profile FILE]
+
+Starts a disposable PostgreSQL, creates the consumer's slot and a second slot for
+pg_recvlogical, writes N outbox rows (~240 bytes each) in transactions of --tx-size rows with
+the consumer stopped, then times (1) pg_recvlogical reading the whole backlog to /dev/null (the
+ceiling: the server's decoding speed) and (2) the consumer, from its slot going active to the
+slot being confirmed past the last row (decode, encode, insert into ClickHouse, confirm). Prints
+one JSON line; the consumer's peak RSS is sampled every 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cdc_consumer.pgoutput import str_to_lsn
+from demo.postgres import DisposablePostgres, _bin_dir
+
+FILL_SQL = """
+DO $$
+BEGIN
+  FOR chunk IN 0 .. %(chunks)s - 1 LOOP
+    INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,
+                              event_context, metadata_version)
+    SELECT gen_random_uuid(), 'user_created', clock_timestamp(), 'bench',
+           jsonb_build_object('email', 'user' || g || '@bench.example', 'first_name', 'Ada',
+                              'last_name', 'Lovelace', 'plan', 'pro', 'n', g),
+           1
+    FROM generate_series(chunk * %(size)s + 1, (chunk + 1) * %(size)s) AS g;
+    COMMIT;
+  END LOOP;
+END $$;
+"""
+
+
+def _lsn(conn: psycopg.Connection[tuple[str]], sql: str) -> int:
+    row = conn.execute(sql).fetchone()
+    assert row is not None
+    return str_to_lsn(str(row[0]))
+
+
+def main() -> None:  # noqa: PLR0915  (a benchmark script reads best top to bottom)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--tx-size", type=int, default=100)
+    parser.add_argument("--transport", choices=["chdb", "http"], default="chdb")
+    parser.add_argument("--profile", help="write a cProfile of the consumer to this file")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-drain-"))
+    pg = DisposablePostgres(root=work / "pg")
+    pg.start()
+    http_server = None
+    try:
+        if args.transport == "http":
+            http_server = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.clickhouse_http", "--path", str(work / "ch")],
+                stdout=subprocess.PIPE,
+            )
+            assert http_server.stdout is not None
+            port = http_server.stdout.readline().decode().strip().rsplit(":", 1)[1]
+            clickhouse_url = f"http://default:@127.0.0.1:{port}/default"
+        else:
+            clickhouse_url = f"chdb://{work / 'ch'}"
+        env = {**os.environ, "DATABASE_URL": pg.url, "CLICKHOUSE_URL": clickhouse_url,
+               "LOG_FORMAT": "json", "LOG_LEVEL": "info"}  # fmt: skip
+        subprocess.run([sys.executable, "-m", "cdc_consumer", "migrate"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
+            started = time.perf_counter()
+            chunks = args.events // args.tx_size
+            conn.execute(FILL_SQL % {"chunks": chunks, "size": args.tx_size})  # type: ignore[arg-type]
+            fill_seconds = time.perf_counter() - started
+            target = _lsn(conn, "SELECT pg_current_wal_lsn()::text")
+            wal_bytes = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
+                " FROM pg_replication_slots WHERE slot_name = 'bench_recv'"
+            ).fetchone()[0]  # type: ignore[index]
+
+        recv_started = time.perf_counter()
+        subprocess.run(
+            [str(_bin_dir() / "pg_recvlogical"), "-d", pg.url, "--slot", "bench_recv", "--start",
+             "-o", "proto_version=1", "-o", "publication_names=event_outbox_pub",
+             "--endpos", f"{target >> 32:X}/{target & 0xFFFFFFFF:X}", "-f", "/dev/null"],
+            check=True,
+        )  # fmt: skip
+        recv_seconds = time.perf_counter() - recv_started
+
+        log_path = work / "consumer.log"
+        with log_path.open("w") as log_file:
+            profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+            consumer = subprocess.Popen(
+                [sys.executable, *profile, "-m", "cdc_consumer", "run"], env=env, stderr=log_file
+            )
+            proc = psutil.Process(consumer.pid)
+            peak_rss = 0
+            active_at = None
+            with psycopg.connect(pg.url, autocommit=True) as conn:
+                while True:
+                    peak_rss = max(peak_rss, proc.memory_info().rss)
+                    row = conn.execute(
+                        "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots"
+                        " WHERE slot_name = 'event_outbox_slot'"
+                    ).fetchone()
+                    assert row is not None
+                    if active_at is None and row[0]:
+                        active_at = time.perf_counter()
+                    if str_to_lsn(row[1]) >= target:
+                        break
+                    if consumer.poll() is not None:
+                        raise SystemExit(f"consumer died:\n{log_path.read_text()[-2000:]}")
+                    time.sleep(0.05)
+            drained_at = time.perf_counter()
+            consumer.send_signal(signal.SIGTERM)
+            consumer.wait(60)
+        assert active_at is not None
+        batches = [
+            json.loads(line)
+            for line in log_path.read_text().splitlines()
+            if '"batch written"' in line
+        ]
+        consumer_seconds = drained_at - active_at
+        print(json.dumps({
+            "events": args.events,
+            "tx_size": args.tx_size,
+            "transport": args.transport,
+            "wal_bytes": wal_bytes,
+            "fill_seconds": round(fill_seconds, 2),
+            "pg_recvlogical_seconds": round(recv_seconds, 2),
+            "pg_recvlogical_events_per_s": round(args.events / recv_seconds),
+            "consumer_seconds": round(consumer_seconds, 2),
+            "consumer_events_per_s": round(args.events / consumer_seconds),
+            "ratio_to_pg_recvlogical": round(recv_seconds / consumer_seconds, 2),
+            "clickhouse_inserts": len(batches),
+            "rows_per_insert": round(sum(b["rows"] for b in batches) / max(1, len(batches))),
+            "consumer_peak_rss_mb": round(peak_rss / 2**20),
+            "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
+        }))  # fmt: skip
+    finally:
+        if http_server is not None:
+            http_server.terminate()
+            http_server.wait()
+        pg.destroy()
+
+
+if __name__ == "__main__":
+    main()
