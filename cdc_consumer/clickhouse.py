@@ -9,6 +9,7 @@ holds for the other.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,18 @@ from cdc_consumer.sink import ORIGIN, SourcePosition
 EVENT_LOG_TABLE = "event_log"
 # pgoutput sends timestamptz as text with a variable number of fractional digits and an offset
 # (`2026-11-25 07:49:31.12345+00`); ClickHouse parses it when told to make its best effort.
-INSERT_SETTINGS: dict[str, str] = {"date_time_input_format": "best_effort"}
+# A NULL must fail the row rather than become an empty string or a zero: it is dead-lettered.
+INSERT_SETTINGS: dict[str, str] = {
+    "date_time_input_format": "best_effort",
+    "input_format_null_as_default": "0",
+}
+DEAD_LETTER_TABLE = "event_log_dead_letter"
+# ClickHouse error codes that mean "this data cannot go into this table", as opposed to the
+# server or the network failing: parsing, type and size errors.
+_DATA_ERROR_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 349, 376})
+_ERROR_CODE = re.compile(r"Code: (\d+)")
+_ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
+_ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
 # Integers come back as JSON numbers, so both transports return the same Python values.
 SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
 
@@ -118,15 +130,23 @@ def _settings_clause(settings: dict[str, str]) -> str:
 
 @contextmanager
 def _sink_errors() -> Iterator[None]:
-    """Wrap any transport failure as a transient sink error; the policy decides what follows."""
+    """Wrap a transport failure: rejected data is a poison event, anything else transient."""
     try:
         yield
     except PipelineError:
         raise
     except Exception as exc:
+        detail = _first_line(exc)
+        code = _ERROR_CODE.search(detail)
+        if code and int(code.group(1)) in _DATA_ERROR_CODES:
+            raise PipelineError(
+                ErrorKind.POISON_EVENT,
+                f"clickhouse rejected the data: {detail}",
+                hint="the offending rows are isolated into event_log_dead_letter",
+            ) from exc
         raise PipelineError(
             ErrorKind.TRANSIENT_SINK,
-            f"clickhouse request failed: {type(exc).__name__}: {_first_line(exc)}",
+            f"clickhouse request failed: {type(exc).__name__}: {detail}",
             hint="check CLICKHOUSE_URL and that ClickHouse is up; the consumer retries",
         ) from exc
 
@@ -186,11 +206,9 @@ class EventLogEncoder:
             and isinstance(context, bytes)
             and isinstance(version, bytes)
         ):
-            raise PipelineError(
-                ErrorKind.POISON_EVENT,
-                "event_outbox row with a NULL or unchanged-TOAST value",
-                hint="event_outbox is insert-only with NOT NULL columns; check its definition",
-            )
+            # Cannot happen with the outbox's NOT NULL, insert-only contract; if it does, the
+            # row is written with JSON nulls, ClickHouse refuses it, and it is dead-lettered.
+            return _row_with_nulls(values, self._index, position)
         # uuid, timestamptz and bigint text is plain ASCII without quotes or backslashes, so it
         # is spliced as is; only the free-text columns need JSON string escaping.
         return b"".join(
@@ -214,6 +232,32 @@ class EventLogEncoder:
         )
 
 
+def _dead_letter(row: bytes, error: str) -> bytes:
+    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves)."""
+    position = _ROW_POSITION.search(row)
+    event_id = _ROW_EVENT_ID.match(row)
+    return orjson.dumps(
+        {
+            "source_lsn": int(position.group(1)) if position else 0,
+            "source_seq": int(position.group(2)) if position else 0,
+            "event_id": orjson.loads(event_id.group(1)) or "" if event_id else "",
+            "row": row.decode(errors="replace"),
+            "error": error,
+        }
+    )
+
+
+def _row_with_nulls(
+    values: Sequence[object], index: tuple[int, ...], position: SourcePosition
+) -> bytes:
+    row: dict[str, object] = {}
+    for name, i in zip(_OUTBOX_COLUMNS, index, strict=True):
+        value = values[i]
+        row[name] = value.decode(errors="replace") if isinstance(value, bytes) else None
+    row["source_lsn"], row["source_seq"] = position
+    return orjson.dumps(row)
+
+
 class ClickHouseSink:
     """`EventSink` over a transport: one INSERT per batch into event_log."""
 
@@ -223,9 +267,16 @@ class ClickHouseSink:
     def write(self, rows: list[bytes]) -> None:
         self._transport.insert(EVENT_LOG_TABLE, b"\n".join(rows))
 
+    def write_dead_letters(self, rows: list[bytes], error: str) -> None:
+        self._transport.insert(
+            DEAD_LETTER_TABLE, b"\n".join(_dead_letter(row, error) for row in rows)
+        )
+
     def high_watermark(self) -> SourcePosition:
         rows = self._transport.select(
-            f"SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE}"
+            "SELECT source_lsn, source_seq FROM ("
+            f" SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE}"
+            f" UNION ALL SELECT source_lsn, source_seq FROM {DEAD_LETTER_TABLE})"
             " ORDER BY source_lsn DESC, source_seq DESC LIMIT 1"
         )
         return SourcePosition(int(rows[0][0]), int(rows[0][1])) if rows else ORIGIN

@@ -12,6 +12,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -93,8 +94,9 @@ class SinkWorker:
                     return
                 if self._abort.is_set():
                     continue
-                if batch.rows and not self._write(batch):
+                if batch.rows and not self._deliver(batch.rows):
                     continue
+                self.batches_written += 1
                 with self._lock:
                     if batch.confirm_lsn is not None:
                         self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
@@ -102,23 +104,50 @@ class SinkWorker:
             finally:
                 self._queue.task_done()
 
-    def _write(self, batch: Batch) -> bool:
+    def _deliver(self, rows: list[bytes]) -> bool:
+        """Write rows in order; rows ClickHouse rejects are isolated by halving the batch until
+        each bad row is alone, and that row goes to the dead-letter table. False if aborted."""
+        try:
+            return self._retrying(lambda: self._sink.write(rows), what="batch", rows=rows)
+        except PipelineError as exc:
+            error = str(exc)
+            if len(rows) == 1:
+                log.error(
+                    "event dead-lettered",
+                    error=error,
+                    hint="the row is in event_log_dead_letter with the ClickHouse error",
+                )
+                return self._retrying(
+                    lambda: self._sink.write_dead_letters(rows, error),
+                    what="dead letter",
+                    rows=rows,
+                )
+            log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
+            middle = len(rows) // 2
+            return self._deliver(rows[:middle]) and self._deliver(rows[middle:])
+
+    def _retrying(self, write: Callable[[], None], *, what: str, rows: list[bytes]) -> bool:
+        """Run `write` until it succeeds, backing off on transient failures. A poison failure is
+        raised to the caller; any other failure stops the pipeline."""
         attempt = 0
         while not self._abort.is_set():
             attempt += 1
             started = time.perf_counter()
             try:
-                self._sink.write(batch.rows)
+                write()
             except PipelineError as exc:
-                if policy_for(exc) is not Policy.RETRY:
+                policy = policy_for(exc)
+                if policy is Policy.DEAD_LETTER and what == "batch":
+                    raise
+                if policy is not Policy.RETRY:
                     self._fatal = exc
                     self._abort.set()
                     self._progress.set()
                     return False
                 delay = backoff_delay(attempt, self._retry_cap)
                 log.warning(
-                    "batch write failed, retrying",
-                    rows=len(batch.rows),
+                    f"{what} write failed, retrying",
+                    rows=len(rows),
                     attempt=attempt,
                     retry_in=round(delay, 2),
                     error=str(exc),
@@ -126,12 +155,11 @@ class SinkWorker:
                 )
                 self._abort.wait(delay)
                 continue
-            self.batches_written += 1
-            self.rows_written += len(batch.rows)
+            self.rows_written += len(rows)
             log.info(
-                "batch written",
-                rows=len(batch.rows),
-                bytes=batch.nbytes,
+                f"{what} written",
+                rows=len(rows),
+                bytes=sum(len(row) for row in rows),
                 attempt=attempt,
                 seconds=round(time.perf_counter() - started, 3),
             )

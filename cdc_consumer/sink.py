@@ -21,11 +21,16 @@ class EventSink(Protocol):
     Delivery contract: the pipeline calls `write` with batches in source order and confirms the
     source position only after `write` returned. `write` either makes every row of the batch
     durable or raises; it is called again with the same batch after a failure (at-least-once),
-    so a sink must tolerate a batch it has already stored. `high_watermark` returns the highest
-    source position stored, which the pipeline skips up to after a restart (exactly-once).
+    so a sink must tolerate a batch it has already stored. A batch the destination rejects for
+    its content raises a POISON_EVENT error; the pipeline then splits it until the bad rows are
+    alone and hands each to `write_dead_letters`, in source order. `high_watermark` returns the
+    highest source position stored in either place, which the pipeline skips up to after a
+    restart (exactly-once).
     """
 
     def write(self, rows: list[bytes]) -> None: ...
+
+    def write_dead_letters(self, rows: list[bytes], error: str) -> None: ...
 
     def high_watermark(self) -> SourcePosition: ...
 
