@@ -86,13 +86,22 @@ class Consumer:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.process is not None
+        walsender = self.slot_pid()
         if self.process.poll() is None:
             self.process.send_signal(sig)
         code = self.process.wait(timeout=timeout)
         self._log_file.close()
-        # The walsender lets go of the slot a moment after the client disappears.
-        wait_for(lambda: not self.slot_active(), what="slot released")
+        # The walsender lets go of the slot a moment after the client disappears (another
+        # consumer may take it at once, so wait for this one's walsender, not for "inactive").
+        wait_for(lambda: self.slot_pid() != walsender or walsender is None, what="slot released")
         return code
+
+    def slot_pid(self) -> int | None:
+        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
+            ).fetchone()
+        return row[0] if row else None
 
     def slot_row(self) -> tuple[Any, ...] | None:
         with psycopg.connect(self.postgres_url, autocommit=True) as conn:

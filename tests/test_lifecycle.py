@@ -1,0 +1,153 @@
+"""The consumer's life: a busy slot, graceful and impatient stops, a schema change mid-stream."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import pytest
+
+from cdc_consumer.clickhouse import connect
+from cdc_consumer.pgoutput import str_to_lsn
+from tests.support.fix_consumer import current_wal_lsn, wait_for
+from web.accounts.services import user_create
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def _count(url: str, tag: str) -> int:
+    transport = connect(url)
+    try:
+        rows = transport.select(
+            f"SELECT count() FROM event_log WHERE event_context_raw LIKE '%{tag}%'"
+        )
+    finally:
+        transport.close()
+    return int(rows[0][0])
+
+
+def _create(tag: str, count: int) -> None:
+    for _ in range(count):
+        user_create(
+            email=f"{tag}-{uuid.uuid4().hex[:8]}@example.test", first_name="L", last_name="C"
+        )
+
+
+def test_busy_slot_is_named_and_waited_for(make_consumer, clickhouse_server, pg_conn):
+    """A second consumer on a held slot names the holder's PID, retries, and never writes."""
+    # GIVEN a consumer holding the slot
+    first = make_consumer(clickhouse_server.url)
+    first.migrate()
+    first.start()
+    holder = pg_conn.execute(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (first.slot,)
+    ).fetchone()[0]
+    # WHEN a stale second consumer starts on the same slot
+    second = make_consumer(
+        clickhouse_server.url,
+        CDC_SLOT=first.slot,
+        CDC_PUBLICATION=first.env["CDC_PUBLICATION"],
+        CDC_RETRY_MAX_SECONDS="0.5",
+    )
+    second.start()
+    wait_for(
+        lambda: any(
+            f"is active for PID {holder}" in e.get("error", "") for e in second.log_events()
+        ),
+        what="the second consumer to name the slot's holder",
+    )
+    tag = f"busy-{uuid.uuid4().hex[:8]}"
+    _create(tag, 3)
+    first.wait_confirmed(current_wal_lsn(pg_conn))
+    # THEN only the holder wrote; once it stops, the second takes over
+    assert not [e for e in second.log_events() if e["event"] == "batch written"]
+    assert first.stop() == 0
+    _create(tag, 2)
+    second.wait_confirmed(current_wal_lsn(pg_conn))
+    assert _count(clickhouse_server.url, tag) == 5
+    assert second.stop() == 0
+
+
+def test_sigterm_under_load_flushes_confirms_and_exits_zero(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """SIGTERM while events stream in: the committed batch is shipped and confirmed, exit 0."""
+    consumer = make_consumer(clickhouse_server.url, CDC_BATCH_MAX_SECONDS="5")
+    consumer.migrate()
+    consumer.start()
+    tag = f"term-{uuid.uuid4().hex[:8]}"
+    _create(tag, 30)  # below every batch limit: only the stop can ship them in time
+    published_to = current_wal_lsn(pg_conn)
+    wait_for(lambda: _sent_lsn(pg_conn, consumer.slot) >= published_to, what="events sent")
+    assert _count(clickhouse_server.url, tag) == 0  # read, but still waiting for the age limit
+    started = time.monotonic()
+    assert consumer.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 30  # CDC_SHUTDOWN_GRACE_SECONDS' default
+    assert _count(clickhouse_server.url, tag) == 30
+    transport = connect(clickhouse_server.url)
+    try:
+        last_commit = transport.select(
+            f"SELECT max(source_lsn) FROM event_log WHERE event_context_raw LIKE '%{tag}%'"
+        )[0][0]
+    finally:
+        transport.close()
+    assert consumer.confirmed_lsn() > last_commit  # confirmed at the commit's end
+
+
+def _sent_lsn(pg_conn, slot: str) -> int:
+    """How far the slot's walsender has sent WAL to the consumer."""
+    row = pg_conn.execute(
+        "SELECT r.sent_lsn::text FROM pg_stat_replication r"
+        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
+        (slot,),
+    ).fetchone()
+    return str_to_lsn(row[0]) if row and row[0] else 0
+
+
+def test_second_sigterm_exits_at_once_without_confirming(make_consumer, clickhouse_faults, pg_conn):
+    """A second SIGTERM while the final flush is stuck exits at once and confirms nothing more."""
+    consumer = make_consumer(clickhouse_faults.url)
+    consumer.migrate()
+    consumer.start()
+    confirmed_before = consumer.confirmed_lsn()
+    clickhouse_faults.hold_inserts()
+    try:
+        _create(f"stuck-{uuid.uuid4().hex[:8]}", 3)
+        clickhouse_faults.wait_for_held_inserts()
+        assert consumer.process is not None
+        consumer.process.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: any(e["event"] == "stop requested, flushing" for e in consumer.log_events()),
+            what="the first stop to be logged",
+        )
+        started = time.monotonic()
+        code = consumer.stop(signal.SIGTERM, timeout=5)
+        assert time.monotonic() - started < 5
+        assert code == -signal.SIGTERM
+        assert consumer.confirmed_lsn() == confirmed_before
+    finally:
+        clickhouse_faults.release_inserts()
+
+
+def test_added_column_does_not_stop_the_stream(make_consumer, clickhouse_server, pg_conn):
+    """A nullable column added to event_outbox while streaming: events keep arriving."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    consumer.start()
+    tag = f"ddl-{uuid.uuid4().hex[:8]}"
+    _create(tag, 2)
+    pg_conn.execute("ALTER TABLE event_outbox ADD COLUMN trace_note text")
+    try:
+        _create(tag, 2)
+        pg_conn.execute(
+            "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+            " event_context, metadata_version, trace_note)"
+            " VALUES (gen_random_uuid(), 'user_created', now(), 'test', %s, 1, 'noted')",
+            (f'{{"email": "{tag}-sql@example.test"}}',),
+        )
+        consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    finally:
+        pg_conn.execute("ALTER TABLE event_outbox DROP COLUMN trace_note")
+    assert _count(clickhouse_server.url, tag) == 5
+    assert consumer.stop() == 0
