@@ -77,10 +77,17 @@ def load_settings() -> ConsumerSettings:
 
 
 def describe_invalid_settings(exc: ValidationError) -> str:
-    """One line per bad variable, naming it as the operator typed it (upper case)."""
+    """One line per bad variable, naming it as the operator typed it (upper case), never its
+    value (it may hold a password). The web app's settings use it too."""
     lines = []
     for error in exc.errors():
         name = str(error["loc"][0]).upper() if error["loc"] else "?"
-        reason = "is required" if error["type"] == "missing" else error["msg"]
+        if error["type"] == "missing":
+            reason = "is required"
+        elif error["type"] == "value_error":
+            # Our own validators' words, without pydantic's "Value error, " prefix.
+            reason = str(error.get("ctx", {}).get("error", error["msg"]))
+        else:
+            reason = error["msg"]
         lines.append(f"configuration error: {name} {reason}")
     return "\n".join(lines)

@@ -21,6 +21,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The one formatter of bad-variable lines, shared with the consumer (which never imports Django).
+from cdc_consumer.settings import describe_invalid_settings
+
 # Used only when DJANGO_DEBUG is true and DJANGO_SECRET_KEY is unset, so `runserver` works on a
 # laptop with nothing but DATABASE_URL. Never accepted with DEBUG off: see _secret_key below.
 DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-never-use-with-debug-off"  # noqa: S105
@@ -78,19 +81,3 @@ def load_settings() -> WebSettings:
         return WebSettings()  # type: ignore[call-arg]  # fields come from the environment
     except ValidationError as exc:
         raise SystemExit(describe_invalid_settings(exc)) from None
-
-
-def describe_invalid_settings(exc: ValidationError) -> str:
-    """One line per bad variable, naming it as the operator typed it (upper case)."""
-    lines = []
-    for error in exc.errors():
-        name = str(error["loc"][0]).upper() if error["loc"] else "?"
-        if error["type"] == "missing":
-            reason = "is required"
-        elif error["type"] == "value_error":
-            # Our own validators' words, without pydantic's "Value error, " prefix.
-            reason = str(error.get("ctx", {}).get("error", error["msg"]))
-        else:
-            reason = error["msg"]
-        lines.append(f"configuration error: {name} {reason}")
-    return "\n".join(lines)
