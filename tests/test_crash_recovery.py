@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_consumer.clickhouse import connect
 from tests.support.fix_clickhouse import ClickHouseServer
+from tests.support.fix_clickhouse import clickhouse_select as _select
 from tests.support.fix_consumer import Consumer, current_wal_lsn, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -90,14 +90,6 @@ class Kill:
     split_transactions: int  # transactions only partly in event_log
     rows: int
     duplicates: int
-
-
-def _select(clickhouse_url: str, sql: str) -> list[list[Any]]:
-    transport = connect(clickhouse_url)
-    try:
-        return transport.select(sql)
-    finally:
-        transport.close()
 
 
 def _delivered(clickhouse_url: str, environment: str) -> tuple[int, int]:

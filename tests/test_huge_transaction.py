@@ -12,13 +12,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import psutil
 import pytest
 
-from cdc_consumer.clickhouse import connect
-from tests.support.fix_consumer import Consumer, current_wal_lsn, wait_for
+from tests.support.fix_clickhouse import clickhouse_select as _select
+from tests.support.fix_consumer import Consumer, current_wal_lsn, status_received_after, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,24 +66,6 @@ def _start_sampled(consumer: Consumer) -> RssSampler:
     sampler = RssSampler(consumer.process.pid)
     sampler.start()
     return sampler
-
-
-def _select(clickhouse_url: str, sql: str) -> list[list[Any]]:
-    transport = connect(clickhouse_url)
-    try:
-        return transport.select(sql)
-    finally:
-        transport.close()
-
-
-def _status_received_after(pg_conn, slot: str, since, *, seconds: float) -> bool:
-    """True once the slot's walsender got a status update `seconds` after `since`."""
-    row = pg_conn.execute(
-        "SELECT r.reply_time > %s + make_interval(secs => %s) FROM pg_stat_replication r"
-        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
-        (since, seconds, slot),
-    ).fetchone()
-    return bool(row and row[0])
 
 
 def _watch_below_commit(
@@ -146,7 +127,7 @@ def test_huge_transaction_arrives_whole_once_in_bounded_memory(
     held = faults.wait_for_held_inserts(timeout=SHIPPING_SECONDS)
     held_since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
     wait_for(
-        lambda: _status_received_after(pg_conn, consumer.slot, held_since, seconds=1.5),
+        lambda: status_received_after(pg_conn, consumer.slot, held_since, seconds=1.5),
         what="status updates while an insert of the transaction is held",
     )
     assert consumer.confirmed_lsn() < commit_lsn

@@ -15,7 +15,7 @@ import pytest
 from django.db import transaction
 
 from cdc_consumer.clickhouse import connect
-from tests.support.fix_consumer import Consumer, current_wal_lsn, wait_for
+from tests.support.fix_consumer import Consumer, current_wal_lsn, status_received_after, wait_for
 from web.accounts.services import user_create
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -160,7 +160,7 @@ def test_confirmed_lsn_never_passes_an_event_not_in_clickhouse(
         clickhouse_server.wait_for_held_inserts()
         held_since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
         wait_for(
-            lambda: _status_received_after(pg_conn, consumer.slot, held_since, seconds=2.5),
+            lambda: status_received_after(pg_conn, consumer.slot, held_since, seconds=2.5),
             what="status updates while the insert is held",
         )
         # THEN the walsender heard from the consumer, but the slot stays behind the events
@@ -171,16 +171,6 @@ def test_confirmed_lsn_never_passes_an_event_not_in_clickhouse(
     consumer.wait_confirmed(after)
     assert len(_event_log(clickhouse_server.url, _outbox_ids(pg_conn, emails))) == 3
     assert consumer.stop() == 0
-
-
-def _status_received_after(pg_conn, slot: str, since, *, seconds: float) -> bool:
-    """True once the slot's walsender got a status update `seconds` after `since`."""
-    row = pg_conn.execute(
-        "SELECT r.reply_time > %s + make_interval(secs => %s) FROM pg_stat_replication r"
-        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
-        (since, seconds, slot),
-    ).fetchone()
-    return bool(row and row[0])
 
 
 def test_changes_to_other_tables_are_ignored(make_consumer, clickhouse_server, pg_conn):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django.db import transaction
 
-from cdc_consumer.clickhouse import connect
+from tests.support.fix_clickhouse import clickhouse_select as _select
 from tests.support.fix_consumer import current_wal_lsn
 from web.outbox.events import Event
 from web.outbox.publish import publish
@@ -22,14 +22,6 @@ class AuditNoted(Event):
     event_type = "audit_noted_test"
     marker: str
     payload: dict[str, Any]
-
-
-def _select(url: str, sql: str) -> list[list[Any]]:
-    transport = connect(url)
-    try:
-        return transport.select(sql)
-    finally:
-        transport.close()
 
 
 def test_rejected_row_is_dead_lettered_and_the_rest_delivered(

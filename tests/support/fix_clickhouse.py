@@ -220,3 +220,14 @@ def clickhouse_faults(clickhouse_server: ClickHouseServer) -> Iterator[ClickHous
     clickhouse_server.reset()
     yield clickhouse_server
     clickhouse_server.reset()
+
+
+def clickhouse_select(clickhouse_url: str, sql: str) -> list[list[Any]]:
+    """Run one SELECT through the consumer's own transport (HTTP or chDB) and close it."""
+    from cdc_consumer.clickhouse import connect
+
+    transport = connect(clickhouse_url)
+    try:
+        return transport.select(sql)
+    finally:
+        transport.close()

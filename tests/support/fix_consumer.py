@@ -181,3 +181,13 @@ def make_consumer(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., C
     yield make
     for consumer in made:
         consumer.close()
+
+
+def status_received_after(pg_conn, slot: str, since, *, seconds: float) -> bool:
+    """True once the slot's walsender got a status update `seconds` after `since`."""
+    row = pg_conn.execute(
+        "SELECT r.reply_time > %s + make_interval(secs => %s) FROM pg_stat_replication r"
+        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
+        (since, seconds, slot),
+    ).fetchone()
+    return bool(row and row[0])
