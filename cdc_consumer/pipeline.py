@@ -207,9 +207,13 @@ class Pipeline:
 
     def _submit(self, s: _Session, batch: Batch) -> None:
         """Hand a batch to the sink worker, keeping the walsender answered while it is busy."""
+        interval = self._settings.cdc_status_interval_seconds
         while not self._worker.submit(batch, timeout=_POLL_SECONDS):
             self._check_worker()
-            self._report(s, due_every=self._settings.cdc_status_interval_seconds)
+            self._report(s, due_every=interval)
+        # A submit usually waited for the previous batch to land: confirm it now rather than
+        # at the end of the burst, so catching up with small batches does not trail the slot.
+        self._report(s, due_every=interval)
 
     def _report(self, s: _Session, *, due_every: float, flush: int | None = None) -> None:
         """Send status when the durable position moved or the interval passed."""
