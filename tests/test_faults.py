@@ -25,6 +25,7 @@ from django.db import connection
 
 from cdc_consumer.clickhouse import ClickHouseTransport, connect
 from cdc_consumer.pgoutput import str_to_lsn
+from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import Consumer, current_wal_lsn, wait_for
 from web.accounts.services import user_create
 
@@ -285,6 +286,17 @@ def _events(consumer: Consumer, name: str) -> list[int]:
     return [i for i, e in enumerate(consumer.log_events()) if e["event"] == name]
 
 
+def _wait_streaming_again(consumer: Consumer) -> None:
+    """Wait until the consumer logged `streaming` after its last reconnect attempt."""
+    wait_for(
+        lambda: (
+            _events(consumer, "streaming")[-1]
+            > _events(consumer, "source failed, reconnecting")[-1]
+        ),
+        what="the consumer to stream again",
+    )
+
+
 def test_postgres_restart_mid_stream_loses_nothing(
     make_consumer, clickhouse_server, postgres_server, postgres_url
 ):
@@ -307,13 +319,7 @@ def test_postgres_restart_mid_stream_loses_nothing(
         postgres_server.start()
     emails += _create_users(40, f"{tag}-after")
     # THEN it streams again from where it was confirmed
-    wait_for(
-        lambda: (
-            _events(consumer, "streaming")[-1]
-            > _events(consumer, "source failed, reconnecting")[-1]
-        ),
-        what="the consumer to stream again",
-    )
+    _wait_streaming_again(consumer)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         consumer.wait_confirmed(current_wal_lsn(conn))
         outbox_ids = {
@@ -327,14 +333,11 @@ def test_postgres_restart_mid_stream_loses_nothing(
     reconnects = [e for e in consumer.log_events() if e["event"] == "source failed, reconnecting"]
     assert all(e["retry_in"] <= 1.0 for e in reconnects)  # make_consumer's CDC_RETRY_MAX_SECONDS
     # AND every event is in ClickHouse exactly once (no FINAL)
-    transport = connect(clickhouse_server.url)
-    try:
-        rows = transport.select(
-            "SELECT toString(event_id) FROM event_log"
-            f" WHERE startsWith(JSONExtractString(event_context_raw, 'email'), '{tag}-')"
-        )
-    finally:
-        transport.close()
+    rows = clickhouse_select(
+        clickhouse_server.url,
+        "SELECT toString(event_id) FROM event_log"
+        f" WHERE startsWith(JSONExtractString(event_context_raw, 'email'), '{tag}-')",
+    )
     delivered = [row[0] for row in rows]
     assert len(outbox_ids) == len(emails) == 100
     assert len(delivered) == len(set(delivered)) == 100
@@ -376,27 +379,18 @@ def test_postgres_crash_with_a_batch_in_flight_doubles_nothing(
         postgres_server.start()
     emails += _create_users(20, f"{tag}-after")
     # THEN it replays from the slot's confirmed position, which is behind what ClickHouse holds
-    wait_for(
-        lambda: (
-            _events(consumer, "streaming")[-1]
-            > _events(consumer, "source failed, reconnecting")[-1]
-        ),
-        what="the consumer to stream again",
-    )
+    _wait_streaming_again(consumer)
     replay_from = str_to_lsn(_last(consumer, "replication started")["lsn"])
     assert replay_from < str_to_lsn(_last(consumer, "streaming")["watermark_lsn"])
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         consumer.wait_confirmed(current_wal_lsn(conn))
     assert consumer.stop() == 0
     # AND every event is in ClickHouse exactly once (no FINAL)
-    transport = connect(clickhouse_faults.url)
-    try:
-        rows = transport.select(
-            "SELECT JSONExtractString(event_context_raw, 'email') AS email FROM event_log"
-            f" WHERE startsWith(email, '{tag}-')"
-        )
-    finally:
-        transport.close()
+    rows = clickhouse_select(
+        clickhouse_faults.url,
+        "SELECT JSONExtractString(event_context_raw, 'email') AS email FROM event_log"
+        f" WHERE startsWith(email, '{tag}-')",
+    )
     delivered = [row[0] for row in rows]
     assert len(delivered) == len(set(delivered)) == len(emails) == 60
     assert set(delivered) == set(emails)

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from cdc_consumer.clickhouse import connect
 from cdc_consumer.pgoutput import str_to_lsn
+from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import current_wal_lsn, wait_for
 from web.accounts.services import user_create
 
@@ -17,13 +17,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
 def _count(url: str, tag: str) -> int:
-    transport = connect(url)
-    try:
-        rows = transport.select(
-            f"SELECT count() FROM event_log WHERE event_context_raw LIKE '%{tag}%'"
-        )
-    finally:
-        transport.close()
+    rows = clickhouse_select(
+        url, f"SELECT count() FROM event_log WHERE event_context_raw LIKE '%{tag}%'"
+    )
     return int(rows[0][0])
 
 
@@ -85,13 +81,10 @@ def test_sigterm_under_load_flushes_confirms_and_exits_zero(
     assert consumer.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 30  # CDC_SHUTDOWN_GRACE_SECONDS' default
     assert _count(clickhouse_server.url, tag) == 30
-    transport = connect(clickhouse_server.url)
-    try:
-        last_commit = transport.select(
-            f"SELECT max(source_lsn) FROM event_log WHERE event_context_raw LIKE '%{tag}%'"
-        )[0][0]
-    finally:
-        transport.close()
+    last_commit = clickhouse_select(
+        clickhouse_server.url,
+        f"SELECT max(source_lsn) FROM event_log WHERE event_context_raw LIKE '%{tag}%'",
+    )[0][0]
     assert consumer.confirmed_lsn() > last_commit  # confirmed at the commit's end
 
 

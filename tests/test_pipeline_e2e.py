@@ -15,6 +15,7 @@ import pytest
 from django.db import transaction
 
 from cdc_consumer.clickhouse import connect
+from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import Consumer, current_wal_lsn, status_received_after, wait_for
 from web.accounts.services import user_create
 
@@ -46,16 +47,13 @@ def _outbox_ids(pg_conn, emails: list[str]) -> set[str]:
 
 def _event_log(clickhouse_url: str, event_ids: set[str]) -> list[list[Any]]:
     """Rows of event_log for these events (no FINAL: raw duplicates would show)."""
-    transport = connect(clickhouse_url)
-    try:
-        quoted = ",".join(f"'{event_id}'" for event_id in sorted(event_ids)) or "''"
-        return transport.select(
-            "SELECT toString(event_id), event_type, environment, event_context_raw,"
-            " toJSONString(event_context), metadata_version, source_lsn"
-            f" FROM event_log WHERE event_id IN ({quoted}) ORDER BY event_id"
-        )
-    finally:
-        transport.close()
+    quoted = ",".join(f"'{event_id}'" for event_id in sorted(event_ids)) or "''"
+    return clickhouse_select(
+        clickhouse_url,
+        "SELECT toString(event_id), event_type, environment, event_context_raw,"
+        " toJSONString(event_context), metadata_version, source_lsn"
+        f" FROM event_log WHERE event_id IN ({quoted}) ORDER BY event_id",
+    )
 
 
 def _create_then_fail(email: str) -> None:
