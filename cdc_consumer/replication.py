@@ -152,8 +152,7 @@ class ReplicationStream:
                 if size == 0:
                     return None
         except psycopg.Error as exc:
-            with _source_errors("read the replication stream"):
-                raise exc from None
+            raise _source_error("read the replication stream", exc) from exc
         if size < 0 or not isinstance(data, memoryview | bytes):
             message = (pgconn.error_message or b"").decode(errors="replace").strip()
             raise PipelineError(
@@ -181,20 +180,24 @@ class ReplicationStream:
         self._conn.close()
 
 
+def _source_error(doing: str, exc: psycopg.Error) -> PipelineError:
+    """A psycopg failure as a transient source error naming what was being done."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    busy = "is active for PID" in detail
+    return PipelineError(
+        ErrorKind.TRANSIENT_SOURCE,
+        f"could not {doing}: {detail}",
+        hint=(
+            "another consumer holds the slot; retrying"
+            if busy
+            else "check DATABASE_URL and that PostgreSQL is up; reconnecting"
+        ),
+    )
+
+
 @contextmanager
 def _source_errors(doing: str) -> Iterator[None]:
-    """Wrap a psycopg failure as a transient source error naming what was being done."""
     try:
         yield
     except psycopg.Error as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        busy = "is active for PID" in detail
-        raise PipelineError(
-            ErrorKind.TRANSIENT_SOURCE,
-            f"could not {doing}: {detail}",
-            hint=(
-                "another consumer holds the slot; retrying"
-                if busy
-                else "check DATABASE_URL and that PostgreSQL is up; reconnecting"
-            ),
-        ) from exc
+        raise _source_error(doing, exc) from exc

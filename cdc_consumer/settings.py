@@ -35,7 +35,8 @@ def _clickhouse_url(value: SecretStr) -> SecretStr:
     return value
 
 
-def _postgres_url(value: SecretStr) -> SecretStr:
+def postgres_url(value: SecretStr) -> SecretStr:
+    """DATABASE_URL's check, shared with the web app's settings."""
     if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
         raise ValueError("must be postgresql://user:pass@host:port/db")
     return value
@@ -49,7 +50,7 @@ class ConsumerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
-    database_url: Annotated[SecretStr, AfterValidator(_postgres_url)]
+    database_url: Annotated[SecretStr, AfterValidator(postgres_url)]
     clickhouse_url: Annotated[SecretStr, AfterValidator(_clickhouse_url)]
     sentry_dsn: SecretStr | None = None
     environment: str = "development"

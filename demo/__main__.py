@@ -23,21 +23,17 @@ from pathlib import Path
 
 import psycopg
 
+from cdc_consumer.pgoutput import str_to_lsn
 from demo.postgres import DisposablePostgres
 
 _WAIT_LIMIT_SECONDS = 600
-
-
-def _lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 def _confirmed(conn: psycopg.Connection[tuple[str | None]], slot: str) -> int:
     row = conn.execute(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
     ).fetchone()
-    return _lsn(row[0]) if row and row[0] else 0
+    return str_to_lsn(row[0]) if row and row[0] else 0
 
 
 def _publish(events: int, workers: int) -> float:
@@ -109,7 +105,9 @@ def main() -> int:
             started = time.perf_counter()
             publish_seconds = _publish(args.events, args.workers)
             with psycopg.connect(postgres.url, autocommit=True) as conn:
-                target = _lsn(str(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
+                current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                assert current is not None
+                target = str_to_lsn(str(current[0]))
                 deadline = time.monotonic() + _WAIT_LIMIT_SECONDS
                 while _confirmed(conn, slot) < target and consumer.poll() is None:
                     if time.monotonic() > deadline:

@@ -8,7 +8,6 @@ entry points do that. A missing or malformed variable stops the process with one
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -21,18 +20,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The one formatter of bad-variable lines, shared with the consumer (which never imports Django).
-from cdc_consumer.settings import describe_invalid_settings
+# The DATABASE_URL check and the bad-variable lines are the consumer's (which never imports
+# Django), so both processes judge and report configuration the same way.
+from cdc_consumer.settings import describe_invalid_settings, postgres_url
 
 # Used only when DJANGO_DEBUG is true and DJANGO_SECRET_KEY is unset, so `runserver` works on a
 # laptop with nothing but DATABASE_URL. Never accepted with DEBUG off: see _secret_key below.
 DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-never-use-with-debug-off"  # noqa: S105
-
-
-def _postgres_url(value: SecretStr) -> SecretStr:
-    if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
-        raise ValueError("must be postgresql://user:pass@host:port/db")
-    return value
 
 
 def _comma_list(value: object) -> object:
@@ -47,7 +41,7 @@ class WebSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
-    database_url: Annotated[SecretStr, AfterValidator(_postgres_url)]
+    database_url: Annotated[SecretStr, AfterValidator(postgres_url)]
     environment: str = Field(default="development", min_length=1)
     # Declared before the secret key: its validator reads the already-validated debug flag.
     django_debug: bool = False
