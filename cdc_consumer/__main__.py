@@ -38,7 +38,7 @@ def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     stop = StopRequest()
     stop.install()
     transport = _migrate(settings)
-    sink = clickhouse.ClickHouseSink(transport)
+    sink = clickhouse.ClickHouseSink(transport, slot=settings.cdc_slot)
     try:
         return Pipeline(settings, sink, stop).run()
     finally:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import count
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -58,7 +60,7 @@ class ClickHouseTransport(Protocol):
 
     def select(self, sql: str) -> list[list[Any]]: ...
 
-    def insert(self, table: str, body: bytes) -> None: ...
+    def insert(self, table: str, body: bytes, query_id: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -80,10 +82,13 @@ class HttpTransport:
             raw = self._client.raw_query(sql, settings=SELECT_SETTINGS, fmt="JSONCompact")
         return list(orjson.loads(raw)["data"])
 
-    def insert(self, table: str, body: bytes) -> None:
+    def insert(self, table: str, body: bytes, query_id: str) -> None:
         with _sink_errors():
             self._client.raw_insert(
-                table, insert_block=body, settings=INSERT_SETTINGS, fmt="JSONEachRow"
+                table,
+                insert_block=body,
+                settings={**INSERT_SETTINGS, "query_id": query_id},
+                fmt="JSONEachRow",
             )
 
     def close(self) -> None:
@@ -114,7 +119,10 @@ class ChdbTransport:
         raw = self._query(f"{sql} SETTINGS {_settings_clause(SELECT_SETTINGS)}", "JSONCompact")
         return list(orjson.loads(raw)["data"]) if raw else []
 
-    def insert(self, table: str, body: bytes) -> None:
+    def insert(self, table: str, body: bytes, query_id: str) -> None:
+        # No query_id: an insert runs inside this process and cannot outlive it, so there is
+        # never an earlier run's insert to find (see ClickHouseSink.fence_earlier_runs).
+        del query_id
         head = (
             f"INSERT INTO {table} SETTINGS {_settings_clause(INSERT_SETTINGS)} FORMAT JSONEachRow\n"
         )
@@ -259,17 +267,38 @@ def _row_with_nulls(
 
 
 class ClickHouseSink:
-    """`EventSink` over a transport: one INSERT per batch into event_log."""
+    """`EventSink` over a transport: one INSERT per batch into event_log.
 
-    def __init__(self, transport: ClickHouseTransport) -> None:
+    Every insert carries the query id `cdc-<slot>-<run>-<n>`: the slot names the consumer (one
+    slot, one consumer at a time), the run is this process. That is what lets a new run find
+    inserts an earlier, killed run left executing on the server.
+    """
+
+    def __init__(self, transport: ClickHouseTransport, *, slot: str) -> None:
         self._transport = transport
+        self._slot_prefix = f"cdc-{slot}-"
+        self._run_prefix = f"{self._slot_prefix}{uuid.uuid4().hex}-"
+        self._inserts = count(1)
+
+    def _insert(self, table: str, body: bytes) -> None:
+        self._transport.insert(table, body, f"{self._run_prefix}{next(self._inserts)}")
 
     def write(self, rows: list[bytes]) -> None:
-        self._transport.insert(EVENT_LOG_TABLE, b"\n".join(rows))
+        self._insert(EVENT_LOG_TABLE, b"\n".join(rows))
 
     def write_dead_letters(self, rows: list[bytes], error: str) -> None:
-        self._transport.insert(
-            DEAD_LETTER_TABLE, b"\n".join(_dead_letter(row, error) for row in rows)
+        self._insert(DEAD_LETTER_TABLE, b"\n".join(_dead_letter(row, error) for row in rows))
+
+    def fence_earlier_runs(self) -> None:
+        # A ClickHouse server finishes an insert whose client died once it has the whole body.
+        # If a killed run's insert were still executing, the watermark read next would miss
+        # rows that land a moment later, and the replay would send them again in a batch cut
+        # differently, which insert deduplication does not recognise. KILL ... SYNC cancels
+        # such inserts, or waits for them to finish, before it returns. A single-block insert
+        # is atomic, so afterwards each one is either wholly in the table or not at all.
+        self._transport.command(
+            f"KILL QUERY WHERE startsWith(query_id, '{self._slot_prefix}')"
+            f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"
         )
 
     def high_watermark(self) -> SourcePosition:

@@ -137,15 +137,21 @@ class Pipeline:
         # read next covers it and the replay that follows skips it.
         self._builder.discard()
         self._drain_worker(deadline=None)
-        watermark = self._sink.high_watermark()
         stream = ReplicationStream.connect(
             self._settings.database_url.get_secret_value(),
             self._settings.cdc_slot,
             self._settings.cdc_publication,
         )
         try:
-            _refuse_foreign_watermark(watermark, stream.server_wal_lsn())
+            # Every position in ClickHouse was written before this connection: the server's
+            # position now bounds them (and the stream takes no SQL once it is started).
+            server_lsn = stream.server_wal_lsn()
+            # START_REPLICATION makes the slot ours, so no other run of this consumer is alive;
+            # only then are its leftover inserts fenced off and the watermark read.
             stream.start()
+            self._sink.fence_earlier_runs()
+            watermark = self._sink.high_watermark()
+            _refuse_foreign_watermark(watermark, server_lsn)
             session = _Session(stream, watermark)
             log.info(
                 "streaming",

@@ -25,12 +25,16 @@ class EventSink(Protocol):
     its content raises a POISON_EVENT error; the pipeline then splits it until the bad rows are
     alone and hands each to `write_dead_letters`, in source order. `high_watermark` returns the
     highest source position stored in either place, which the pipeline skips up to after a
-    restart (exactly-once).
+    restart (exactly-once). `fence_earlier_runs` returns once no write of an earlier run of
+    this consumer (a killed process) can still land; it is called after the slot is ours and
+    before `high_watermark`.
     """
 
     def write(self, rows: list[bytes]) -> None: ...
 
     def write_dead_letters(self, rows: list[bytes], error: str) -> None: ...
+
+    def fence_earlier_runs(self) -> None: ...
 
     def high_watermark(self) -> SourcePosition: ...
 

@@ -170,6 +170,54 @@ def test_held_insert_waits_until_released(
     assert client.command(f"SELECT count() FROM {table}") == 1
 
 
+def test_kill_query_sync_cancels_a_held_insert_by_query_id(
+    clickhouse_faults: ClickHouseServer, client: Any, table: str
+) -> None:
+    """KILL QUERY WHERE <cond on query_id> SYNC cancels matching held inserts, and only those."""
+    # GIVEN two inserts held in flight, with query ids of different prefixes
+    clickhouse_faults.hold_inserts()
+    outcomes: dict[str, BaseException | None] = {}
+
+    def insert(query_id: str, row_id: int) -> None:
+        try:
+            with clickhouse_faults.client() as writer:
+                writer.raw_insert(
+                    table,
+                    insert_block=_row(row_id),
+                    settings={"query_id": query_id},
+                    fmt="JSONEachRow",
+                )
+            outcomes[query_id] = None
+        except BaseException as exc:
+            outcomes[query_id] = exc
+
+    threads = [
+        threading.Thread(target=insert, args=("cdc-old-1", 1)),
+        threading.Thread(target=insert, args=("other-1", 2)),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        clickhouse_faults.wait_for_held_inserts(2)
+        # WHEN one prefix is killed; TEST mode names it without killing it first
+        listed = client.command("KILL QUERY WHERE startsWith(query_id, 'cdc-old-') TEST")
+        client.command("KILL QUERY WHERE startsWith(query_id, 'cdc-old-') SYNC")
+        # THEN the killed insert has ended by the time KILL returned; the other is still held
+        stats = clickhouse_faults.stats()
+        assert (stats["killed_queries"], stats["held_inserts"]) == (1, 1)
+    finally:
+        clickhouse_faults.release_inserts()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert "cdc-old-1" in str(listed)
+    killed = outcomes["cdc-old-1"]
+    assert isinstance(killed, DatabaseError)
+    assert "QUERY_WAS_CANCELLED" in str(killed)
+    assert outcomes["other-1"] is None
+    assert client.command(f"SELECT groupArray(id) FROM {table}") == "[2]"
+    assert clickhouse_faults.stats()["killed_queries"] == 1
+
+
 def test_fail_inserts_fails_the_next_inserts_without_executing_them(
     clickhouse_faults: ClickHouseServer, client: Any, table: str
 ) -> None:

@@ -138,8 +138,8 @@ def _kill_at(moment: str, consumer: Consumer, faults: ClickHouseServer, rng: ran
         held = faults.wait_for_held_inserts()
         _kill(consumer)
         faults.release_inserts()
-        # ClickHouse finishes an insert whose client died; the restart comes after it (the
-        # race between the two is test_abandoned_insert_landing_after_restart_is_not_doubled).
+        # ClickHouse finishes an insert whose client died once it has the whole body; here it
+        # lands before the restart (test_abandoned_insert_is_fenced_... covers the other order).
         done = held["inserts"] + held["failed_inserts"]
         wait_for(
             lambda: faults.stats()["inserts"] + faults.stats()["failed_inserts"] > done,
@@ -219,16 +219,10 @@ def _publish(pg_conn, environment: str, tx: int, size: int) -> None:
     pg_conn.execute(PUBLISH_SQL, {"environment": environment, "tx": tx, "size": size})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consumer bug: the watermark is read at startup while the killed run's insert can"
-    " still be executing in ClickHouse; the replay re-sends its rows in a differently cut batch,"
-    " which the insert deduplication window does not recognise",
-)
-def test_abandoned_insert_landing_after_restart_is_not_doubled(
+def test_abandoned_insert_is_fenced_before_the_watermark_is_read(
     make_consumer, clickhouse_faults, pg_conn
 ):
-    """An insert that lands after its killed consumer was restarted is not delivered twice."""
+    """An insert its killed consumer left executing cannot land after the restart's watermark."""
     faults = clickhouse_faults
     consumer = make_consumer(faults.url)
     consumer.migrate()
@@ -239,16 +233,21 @@ def test_abandoned_insert_landing_after_restart_is_not_doubled(
     _publish(pg_conn, environment, tx=0, size=10)
     faults.wait_for_held_inserts()
     assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
-    # WHEN more is published, the consumer restarts (it reads the watermark before the abandoned
-    # insert lands) and ClickHouse then finishes every insert
+    # WHEN more is published and the consumer restarts while that insert is still running
     _publish(pg_conn, environment, tx=1, size=10)
     consumer.start()
-    faults.wait_for_held_inserts(count=2)
+    # and ClickHouse then finishes whatever insert is still running
+    wait_for(
+        lambda: faults.stats()["held_inserts"] + faults.stats()["killed_queries"] == 2,
+        what="the restarted consumer's insert",
+    )
     faults.release_inserts()
     final_lsn = current_wal_lsn(pg_conn)
     consumer.wait_confirmed(final_lsn)
     assert consumer.stop() == 0
-    # THEN each of the 20 events is in event_log once, without FINAL
+    # THEN each of the 20 events is in event_log once, without FINAL: the restart cancelled
+    # the abandoned insert before reading its watermark (had it landed afterwards, the replay
+    # would have doubled its 10 events)
     delivered, distinct = _delivered(faults.url, environment)
     runs = [
         {key: e[key] for key in ("event", "watermark_lsn", "watermark_seq", "rows") if key in e}
@@ -256,3 +255,4 @@ def test_abandoned_insert_landing_after_restart_is_not_doubled(
         if e.get("event") in ("streaming", "batch written")
     ]
     assert (delivered, distinct) == (20, 20), runs
+    assert faults.stats()["killed_queries"] == 1, runs

@@ -35,7 +35,14 @@ Where it knowingly differs from a real server:
 - failed queries answer HTTP 500 (403 for authentication), where a real server also uses 400/404
   for some codes;
 - chDB's setting defaults are chDB's (``date_time_input_format`` is ``best_effort`` and
-  ``enable_http_compression`` is 1 here), so a test relying on a default must send it.
+  ``enable_http_compression`` is 1 here), so a test relying on a default must send it;
+- ``system.processes`` inside chDB only ever shows the query asking, so the server keeps its
+  own list of running queries by ``query_id`` and answers ``KILL QUERY WHERE <cond> [SYNC |
+  ASYNC | TEST]`` itself: chDB evaluates ``<cond>`` over that list (only the ``query_id``
+  column exists there), a matching INSERT still held by ``hold_inserts`` fails with code 394
+  (QUERY_WAS_CANCELLED) as a real server cancels it, one already executing finishes, and
+  ``SYNC`` (the default) answers once every match has ended. A second query reusing a running
+  ``query_id`` gets code 216, as on a real server.
 
 Responses are compressed when ``enable_http_compression`` is on and the client accepts it,
 preferring gzip, deflate, zstd, lz4 in that order, as a real server does (br aside); request
@@ -77,6 +84,12 @@ _SYNTAX_ERROR = 62
 _UNKNOWN_SETTING = 115
 _AUTHENTICATION_FAILED = 516
 _NOT_IMPLEMENTED = 48
+_QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING = 216
+_QUERY_WAS_CANCELLED = 394
+_KILL_QUERY = re.compile(
+    rb"^\s*KILL\s+QUERY\s+WHERE\s+(?P<where>.+?)(?:\s+(?P<mode>SYNC|ASYNC|TEST))?\s*;?\s*\Z",
+    re.IGNORECASE | re.DOTALL,
+)
 
 # URL parameters the HTTP handler consumes itself; everything else is a setting (HTTPHandler.cpp).
 _PROTOCOL_PARAMS = frozenset(
@@ -286,6 +299,21 @@ class Engine:
                 self._database = None
             return outcome
 
+    def matching(self, where: bytes, query_ids: list[str]) -> list[str]:
+        """The query ids for which the engine finds the KILL QUERY condition `where` true."""
+        if not query_ids:
+            return []
+        listed = ",".join(
+            "'" + q.replace("\\", "\\\\").replace("'", "\\'") + "'" for q in query_ids
+        )
+        sql = (
+            b"SELECT query_id FROM (SELECT arrayJoin([" + listed.encode() + b"]) AS query_id)"
+            b" WHERE " + where
+        )
+        with self._lock:
+            outcome = self._run(sql, "TabSeparated", {})
+        return outcome.body.decode().split()
+
     def close(self) -> None:
         if self._lock.acquire(timeout=10):
             self._session.close()
@@ -362,15 +390,56 @@ class Faults:
     inserts: int = 0
     rows_inserted: int = 0
     failed_inserts: int = 0
+    killed_queries: int = 0
     last_request: dict[str, Any] = field(default_factory=dict)
+    # The server's system.processes: each running query's id, and whether KILL QUERY hit it.
+    running: dict[str, bool] = field(default_factory=dict)
 
-    def admit_insert(self) -> None:
+    def begin(self, query_id: str) -> None:
+        with self.changed:
+            if query_id in self.running:
+                raise ClickHouseError.of(
+                    _QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING,
+                    f"Query with id = {query_id} is already running.",
+                    "QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING",
+                )
+            self.running[query_id] = False
+
+    def end(self, query_id: str) -> None:
+        with self.changed:
+            del self.running[query_id]
+            self.changed.notify_all()
+
+    def running_ids(self) -> list[str]:
+        with self.changed:
+            return list(self.running)
+
+    def kill(self, query_ids: list[str], *, sync: bool, timeout: float = 60.0) -> None:
+        """Cancel the held ones among `query_ids`; with `sync`, wait until all have ended."""
+        with self.changed:
+            for query_id in query_ids:
+                if query_id in self.running:
+                    self.running[query_id] = True
+            self.changed.notify_all()
+            if sync and not self.changed.wait_for(
+                lambda: not any(q in self.running for q in query_ids), timeout
+            ):
+                raise ClickHouseError.of(
+                    _UNKNOWN_EXCEPTION, f"KILL QUERY SYNC timed out after {timeout} s", "TIMEOUT"
+                )
+
+    def admit_insert(self, query_id: str) -> None:
         """Wait while inserts are held, then raise the injected failure if one is due."""
         with self.changed:
             self.held += 1
             self.changed.notify_all()
-            self.changed.wait_for(lambda: not self.holding)
+            self.changed.wait_for(lambda: not self.holding or self.running[query_id])
             self.held -= 1
+            if self.running[query_id]:
+                self.killed_queries += 1
+                raise ClickHouseError.of(
+                    _QUERY_WAS_CANCELLED, "Query was cancelled.", "QUERY_WAS_CANCELLED"
+                )
             if self.fail_next > 0:
                 self.fail_next -= 1
                 raise ClickHouseError.of(
@@ -402,7 +471,7 @@ class Faults:
         with self.changed:
             self.holding = False
             self.fail_next = self.queries = self.inserts = 0
-            self.rows_inserted = self.failed_inserts = 0
+            self.rows_inserted = self.failed_inserts = self.killed_queries = 0
             self.last_request = {}
             self.changed.notify_all()
 
@@ -417,6 +486,7 @@ class Faults:
                 "inserts": self.inserts,
                 "rows_inserted": self.rows_inserted,
                 "failed_inserts": self.failed_inserts,
+                "killed_queries": self.killed_queries,
                 "held_inserts": self.held,
                 "pending_failures": self.fail_next,
                 "holding": self.holding,
@@ -493,7 +563,8 @@ class Handler(BaseHTTPRequestHandler):
             default_format=params.get("default_format") or "TabSeparated",
         )
         engine, faults = self.server.engine, self.server.faults
-        is_insert = statement_keyword(sql) == "INSERT"
+        keyword = statement_keyword(sql)
+        is_insert = keyword == "INSERT"
         encoding = self._response_encoding(query)
         seen = {
             "settings": query.settings,
@@ -502,13 +573,19 @@ class Handler(BaseHTTPRequestHandler):
             "accept_encoding": self.headers.get("Accept-Encoding"),
             "response_encoding": encoding,
         }
+        faults.begin(query_id)
         try:
-            if is_insert:
-                faults.admit_insert()
-            outcome = engine.execute(query)
+            if keyword == "KILL":
+                outcome = self._kill_query(sql, query_id)
+            else:
+                if is_insert:
+                    faults.admit_insert(query_id)
+                outcome = engine.execute(query)
         except ClickHouseError:
             faults.record(seen, is_insert, None)
             raise
+        finally:
+            faults.end(query_id)
         faults.record(seen, is_insert, outcome)
         headers = {
             "Content-Type": "text/plain; charset=UTF-8",
@@ -526,6 +603,21 @@ class Handler(BaseHTTPRequestHandler):
             body = _RESPONSE_ENCODINGS[encoding](body)
             headers["Content-Encoding"] = encoding
         self._send(200, body, headers)
+
+    def _kill_query(self, sql: bytes, own_id: str) -> Outcome:
+        """KILL QUERY over the queries this server is running (see the module docstring)."""
+        statement = _KILL_QUERY.match(sql)
+        if statement is None:
+            raise _not_implemented("KILL other than `KILL QUERY WHERE <cond> [SYNC|ASYNC|TEST]`")
+        faults = self.server.faults
+        others = [q for q in faults.running_ids() if q != own_id]
+        matches = self.server.engine.matching(statement.group("where"), others)
+        mode = (statement.group("mode") or b"SYNC").upper()
+        if mode != b"TEST":
+            faults.kill(matches, sync=mode == b"SYNC")
+        status = {b"SYNC": "finished", b"ASYNC": "waiting", b"TEST": "pending"}[mode]
+        rows = "".join(f"{status}\t{q}\tdefault\t\n" for q in matches).encode()
+        return Outcome(rows, "TabSeparated", {}, 0)
 
     def _response_encoding(self, query: Query) -> str | None:
         """The first of the real server's preferred encodings the client accepts, if enabled."""
