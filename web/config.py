@@ -64,7 +64,7 @@ class WebSettings(SlotCheckSettings):
 
     # Celery's broker (Redis). Only the worker and Beat need it; the web app never sends tasks.
     celery_broker_url: SecretStr | None = None
-    # Outbox rows are kept this long (seconds or ISO 8601, e.g. P7D), and then only once shipped.
+    # Outbox rows are kept this long (ISO 8601 duration, e.g. P7D), and then only once shipped.
     outbox_retention: timedelta = Field(default=timedelta(days=7), ge=timedelta(0))
     # Rows per DELETE: each chunk is its own short transaction, so no lock is held for long.
     outbox_prune_chunk_rows: int = Field(default=5_000, gt=0, le=1_000_000)
