@@ -18,6 +18,7 @@ from cdc_consumer import backfill, clickhouse, provisioning
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
 from cdc_consumer.pipeline import Pipeline, StopRequest
+from cdc_consumer.progress import REFRESH_SECONDS
 from cdc_consumer.settings import ConsumerSettings, load_settings
 from cdc_consumer.status import Severity, SlotReport, slot_report
 
@@ -64,9 +65,9 @@ def cmd_status(settings: ConsumerSettings, args: argparse.Namespace) -> int:
 
 def cmd_health(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     """Liveness for compose: exit 0 while a consumer streams the slot and has recorded
-    progress (status updates refresh it) within three status intervals, else 1."""
+    progress recently (it refreshes it every REFRESH_SECONDS at least), else 1."""
     report = _report(settings)
-    stale_after = max(3 * settings.cdc_status_interval_seconds, 30.0)
+    stale_after = 3 * max(settings.cdc_status_interval_seconds, REFRESH_SECONDS)
     with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         row = conn.execute(
             "SELECT extract(epoch FROM clock_timestamp() - updated_at) FROM cdc_progress"

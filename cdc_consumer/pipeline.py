@@ -227,7 +227,7 @@ class Pipeline:
             s.stream.send_status(flush=target)
             self._record_progress(s)
 
-    def _record_progress(self, s: _Session) -> None:
+    def _record_progress(self, s: _Session, *, force: bool = False) -> None:
         """cdc_progress after each status update: the confirmed position, and the commit time
         of the newest transaction the sink holds (read after the send, so it may belong to a
         batch a little past the confirmed position: that batch is in ClickHouse too)."""
@@ -235,6 +235,7 @@ class Pipeline:
         self._progress.record(
             confirmed_lsn=s.stream.confirmed,
             commit_time=None if commit_time is None else commit_time_from_pgoutput(commit_time),
+            force=force,
         )
 
     def _nothing_buffered(self, s: _Session) -> bool:
@@ -263,6 +264,7 @@ class Pipeline:
                     break
         drained = self._drain_worker(deadline)
         self._report(s, due_every=0)
+        self._record_progress(s, force=True)
         self._worker.stop(abort=not drained)
         self._progress.close()
         log.info(

@@ -1,9 +1,14 @@
 """`cdc_progress`: what the consumer has shipped, recorded after each confirmed position.
 
 The replication connection is in COPY BOTH mode and cannot run SQL, so this writer has its own
-ordinary connection. A failure here never stops delivery: it is logged, and the next status
-update (every CDC_STATUS_INTERVAL_SECONDS at most) writes the then-current values again; the
-upsert only ever moves positions and times forward.
+ordinary connection. A failure here never stops delivery: it is logged, and a later status
+update writes the then-current values again; the upsert only ever moves positions and times
+forward.
+
+A write happens when a newer transaction has shipped, and otherwise at most every
+REFRESH_SECONDS (so `updated_at` shows the consumer alive). Not on every status update: the
+write is itself WAL, which lets an idle slot confirm a little further, which would trigger the
+next write, and so on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _RECONNECT_SECONDS = 10.0
+REFRESH_SECONDS = 30.0
 
 # confirmed_at moves only when the position does, so "seconds since the last confirm" keeps
 # growing while the consumer is alive but stuck; updated_at shows it is alive.
@@ -49,10 +55,18 @@ class ProgressRecorder:
         self._slot = slot
         self._conn: psycopg.Connection[Any] | None = None
         self._retry_at = 0.0
+        self._written_at: float | None = None
+        self._written_commit_time: datetime | None = None
 
-    def record(self, *, confirmed_lsn: int, commit_time: datetime | None) -> None:
-        """Record the confirmed position and the commit time of the newest shipped transaction."""
-        if time.monotonic() < self._retry_at:
+    def record(
+        self, *, confirmed_lsn: int, commit_time: datetime | None, force: bool = False
+    ) -> None:
+        """Record the confirmed position and the commit time of the newest shipped transaction
+        (`force`: even if nothing new shipped, e.g. the final position at shutdown)."""
+        now = time.monotonic()
+        fresh = self._written_at is not None and now - self._written_at < REFRESH_SECONDS
+        unchanged = fresh and commit_time == self._written_commit_time and not force
+        if now < self._retry_at or unchanged:
             return
         try:
             if self._conn is None or self._conn.closed:
@@ -71,6 +85,7 @@ class ProgressRecorder:
                     "commit_time": commit_time,
                 },
             )
+            self._written_at, self._written_commit_time = now, commit_time
         except psycopg.Error as exc:
             log.warning(
                 "progress not recorded, retrying later",

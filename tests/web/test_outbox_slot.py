@@ -35,7 +35,8 @@ def sentry_events() -> Iterator[list[dict[str, Any]]]:
     try:
         yield transport.events
     finally:
-        sentry_sdk.init()  # no DSN: inactive again
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)  # inactive again, as without a DSN
 
 
 @pytest.mark.django_db
