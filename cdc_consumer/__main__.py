@@ -1,4 +1,4 @@
-"""CLI: `python -m cdc_consumer run | migrate | status [--json]`.
+"""CLI: `python -m cdc_consumer run | migrate | status [--json] | health | backfill --since T`.
 
 The entry point is the only place that reads the environment, configures logging and Sentry,
 and wires the parts together.
@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 
 import psycopg
 import structlog
 
-from cdc_consumer import clickhouse, provisioning
+from cdc_consumer import backfill, clickhouse, provisioning
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
 from cdc_consumer.pipeline import Pipeline, StopRequest
+from cdc_consumer.progress import REFRESH_SECONDS
 from cdc_consumer.settings import ConsumerSettings, load_settings
-from cdc_consumer.status import slot_report
+from cdc_consumer.status import Severity, SlotReport, slot_report
 
 log = structlog.get_logger("cdc_consumer")
 
@@ -45,24 +47,81 @@ def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
         sink.close()
 
 
-def cmd_status(settings: ConsumerSettings, args: argparse.Namespace) -> int:
+def _report(settings: ConsumerSettings) -> SlotReport:
     with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-        report = slot_report(conn, settings.cdc_slot)
+        return slot_report(conn, settings.cdc_slot, settings.slot_thresholds())
+
+
+def cmd_status(settings: ConsumerSettings, args: argparse.Namespace) -> int:
+    """The slot check; exit 1 when it is critical (missing, lost, past a critical threshold)."""
+    report = _report(settings)
     if args.json:
         print(json.dumps(report.as_dict()))
     else:
         for key, value in report.as_dict().items():
-            print(f"{key:>20}: {value}")
-    return 0 if report.exists else 1
+            print(f"{key:>24}: {value}")
+    return 1 if report.severity is Severity.CRITICAL else 0
 
 
-COMMANDS = {"run": cmd_run, "migrate": cmd_migrate, "status": cmd_status}
+def cmd_health(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
+    """Liveness for compose: exit 0 while a consumer streams the slot and has recorded
+    progress recently (it refreshes it every REFRESH_SECONDS at least), else 1."""
+    report = _report(settings)
+    stale_after = 3 * max(settings.cdc_status_interval_seconds, REFRESH_SECONDS)
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM clock_timestamp() - updated_at) FROM cdc_progress"
+            " WHERE slot = %s",
+            (settings.cdc_slot,),
+        ).fetchone()
+    alive = report.active and row is not None and float(row[0]) < stale_after
+    print(json.dumps({"slot": settings.cdc_slot, "alive": alive}))
+    return 0 if alive else 1
+
+
+def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
+    if args.since is None:
+        raise SystemExit("backfill needs --since, an ISO 8601 time with its offset")
+    transport = _migrate_schemas_only(settings)
+    try:
+        result = backfill.backfill(settings, transport, args.since)
+    finally:
+        transport.close()
+    print(json.dumps(result.as_dict()))
+    return 0
+
+
+def _migrate_schemas_only(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
+    transport = clickhouse.connect(settings.clickhouse_url.get_secret_value())
+    provisioning.migrate_schemas(settings, transport)
+    return transport
+
+
+def _aware_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("needs a UTC offset, e.g. 2026-11-25T07:00:00+00:00")
+    return value
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "migrate": cmd_migrate,
+    "status": cmd_status,
+    "health": cmd_health,
+    "backfill": cmd_backfill,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cdc_consumer", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--json", action="store_true", help="status: one JSON object")
+    parser.add_argument(
+        "--since",
+        type=_aware_time,
+        help="backfill: re-ship outbox rows created at or after this ISO 8601 time",
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging(settings)

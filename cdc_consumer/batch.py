@@ -26,6 +26,7 @@ class Batch:
     rows: list[bytes] = field(default_factory=list)
     nbytes: int = 0
     confirm_lsn: int | None = None  # end LSN of the last transaction this batch completes
+    commit_time: int | None = None  # that transaction's commit time, as pgoutput sends it
 
 
 class BatchBuilder:
@@ -68,10 +69,11 @@ class BatchBuilder:
             return self._cut(keep_open_rows=False)
         return None
 
-    def commit(self, end_lsn: int) -> Batch | None:
+    def commit(self, end_lsn: int, commit_time: int | None = None) -> Batch | None:
         """Close the open transaction; returns a batch if a limit is reached."""
         batch = self._batch
         batch.confirm_lsn = end_lsn
+        batch.commit_time = commit_time
         self._complete_rows = len(batch.rows)
         self._complete_bytes = batch.nbytes
         if self._started_at is None:

@@ -43,7 +43,8 @@ _ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
 SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
 
 _MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
-_OUTBOX_COLUMNS = (
+# The outbox columns event_log is built from (the backfill reads them as text, too).
+OUTBOX_COLUMNS = (
     "event_id",
     "event_type",
     "event_date_time",
@@ -183,14 +184,14 @@ class EventLogEncoder:
 
     def __init__(self, relation: Relation) -> None:
         names = [column.name for column in relation.columns]
-        missing = [name for name in _OUTBOX_COLUMNS if name not in names]
+        missing = [name for name in OUTBOX_COLUMNS if name not in names]
         if missing:
             raise PipelineError(
                 ErrorKind.CONFIGURATION,
                 f"event_outbox lacks columns {missing}",
                 hint="run `python -m cdc_consumer migrate` against this database",
             )
-        self._index = tuple(names.index(name) for name in _OUTBOX_COLUMNS)
+        self._index = tuple(names.index(name) for name in OUTBOX_COLUMNS)
         self._strings: dict[bytes, bytes] = {}
 
     def _json_string(self, text: bytes) -> bytes:
@@ -259,7 +260,7 @@ def _row_with_nulls(
     values: Sequence[object], index: tuple[int, ...], position: SourcePosition
 ) -> bytes:
     row: dict[str, object] = {}
-    for name, i in zip(_OUTBOX_COLUMNS, index, strict=True):
+    for name, i in zip(OUTBOX_COLUMNS, index, strict=True):
         value = values[i]
         row[name] = value.decode(errors="replace") if isinstance(value, bytes) else None
     row["source_lsn"], row["source_seq"] = position

@@ -46,6 +46,7 @@ class SinkWorker:
         self._progress = threading.Event()
         self._lock = threading.Lock()
         self._durable_lsn = 0
+        self._durable_commit_time: int | None = None
         self._fatal: PipelineError | None = None
         self.batches_written = 0
         self.rows_written = 0
@@ -56,6 +57,12 @@ class SinkWorker:
     def durable_lsn(self) -> int:
         with self._lock:
             return self._durable_lsn
+
+    @property
+    def durable_commit_time(self) -> int | None:
+        """Commit time (pgoutput microseconds) of the transaction at `durable_lsn`, if known."""
+        with self._lock:
+            return self._durable_commit_time
 
     @property
     def fatal(self) -> PipelineError | None:
@@ -100,6 +107,8 @@ class SinkWorker:
                 with self._lock:
                     if batch.confirm_lsn is not None:
                         self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
+                    if batch.commit_time is not None:
+                        self._durable_commit_time = batch.commit_time
                 self._progress.set()
             finally:
                 self._queue.task_done()

@@ -21,6 +21,7 @@ from cdc_consumer.batch import Batch, BatchBuilder
 from cdc_consumer.clickhouse import EventLogEncoder
 from cdc_consumer.delivery import SinkWorker, backoff_delay
 from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
+from cdc_consumer.progress import ProgressRecorder, commit_time_from_pgoutput
 from cdc_consumer.replication import Keepalive, ReplicationStream
 from cdc_consumer.settings import ConsumerSettings
 from cdc_consumer.sink import EventSink, SourcePosition
@@ -105,6 +106,9 @@ class Pipeline:
             max_seconds=settings.cdc_batch_max_seconds,
         )
         self._worker = SinkWorker(sink, retry_cap_seconds=settings.cdc_retry_max_seconds)
+        self._progress = ProgressRecorder(
+            settings.database_url.get_secret_value(), settings.cdc_slot
+        )
 
     def run(self) -> int:
         """Stream until stopped; returns the process exit code."""
@@ -203,7 +207,7 @@ class Pipeline:
             s.tx = _Transaction(commit_lsn=message.final_lsn, open=True)
         elif isinstance(message, pgoutput.Commit):
             s.tx.open = False
-            batch = self._builder.commit(message.end_lsn)
+            batch = self._builder.commit(message.end_lsn, message.commit_time)
             if batch is not None:
                 self._submit(s, batch)
         elif isinstance(message, pgoutput.Relation):
@@ -227,6 +231,18 @@ class Pipeline:
         overdue = time.monotonic() - s.stream.last_status_at >= due_every
         if target > s.stream.confirmed or overdue:
             s.stream.send_status(flush=target)
+            self._record_progress(s)
+
+    def _record_progress(self, s: _Session, *, force: bool = False) -> None:
+        """cdc_progress after each status update: the confirmed position, and the commit time
+        of the newest transaction the sink holds (read after the send, so it may belong to a
+        batch a little past the confirmed position: that batch is in ClickHouse too)."""
+        commit_time = self._worker.durable_commit_time
+        self._progress.record(
+            confirmed_lsn=s.stream.confirmed,
+            commit_time=None if commit_time is None else commit_time_from_pgoutput(commit_time),
+            force=force,
+        )
 
     def _nothing_buffered(self, s: _Session) -> bool:
         return not s.tx.open and self._builder.is_empty and self._worker.idle
@@ -254,7 +270,9 @@ class Pipeline:
                     break
         drained = self._drain_worker(deadline)
         self._report(s, due_every=0)
+        self._record_progress(s, force=True)
         self._worker.stop(abort=not drained)
+        self._progress.close()
         log.info(
             "stopped",
             drained=drained,

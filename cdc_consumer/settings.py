@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdc_consumer.status import SlotThresholds
+
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -44,11 +46,35 @@ def postgres_url(value: SecretStr) -> SecretStr:
 
 Identifier = Annotated[str, AfterValidator(_postgres_identifier)]
 
+_GIB = 1024**3
 
-class ConsumerSettings(BaseSettings):
-    """Everything the consumer can be told. Defaults are production-sane; see .env.example."""
+
+class SlotCheckSettings(BaseSettings):
+    """The slot and the thresholds it is judged by. Shared by the consumer (`status`, `health`)
+    and the web app (health view, Celery slot check), so both judge the slot alike."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    cdc_slot: Identifier = "event_outbox_slot"
+    # Retained WAL behind the slot. Critical well before max_slot_wal_keep_size (10 GB in
+    # postgres.conf) invalidates the slot, so someone acts while it can still catch up.
+    cdc_lag_warning_bytes: int = Field(default=1 * _GIB, ge=0)
+    cdc_lag_critical_bytes: int = Field(default=5 * _GIB, ge=0)
+    # Seconds since the consumer last moved the slot forward, counted only while there is lag.
+    cdc_stall_warning_seconds: float = Field(default=300.0, ge=0)
+    cdc_stall_critical_seconds: float = Field(default=1800.0, ge=0)
+
+    def slot_thresholds(self) -> SlotThresholds:
+        return SlotThresholds(
+            lag_warning_bytes=self.cdc_lag_warning_bytes,
+            lag_critical_bytes=self.cdc_lag_critical_bytes,
+            stall_warning_seconds=self.cdc_stall_warning_seconds,
+            stall_critical_seconds=self.cdc_stall_critical_seconds,
+        )
+
+
+class ConsumerSettings(SlotCheckSettings):
+    """Everything the consumer can be told. Defaults are production-sane; see .env.example."""
 
     database_url: Annotated[SecretStr, AfterValidator(postgres_url)]
     clickhouse_url: Annotated[SecretStr, AfterValidator(_clickhouse_url)]
@@ -57,7 +83,6 @@ class ConsumerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
-    cdc_slot: Identifier = "event_outbox_slot"
     cdc_publication: Identifier = "event_outbox_pub"
     # ClickHouse guidance: >= 1,000 rows per insert, ideally 10k-100k, about one insert a second.
     cdc_batch_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)

@@ -103,6 +103,9 @@ def test_second_sigterm_exits_at_once_without_confirming(make_consumer, clickhou
     consumer = make_consumer(clickhouse_faults.url)
     consumer.migrate()
     consumer.start()
+    # The consumer's first cdc_progress write is WAL that an idle slot then confirms: let it
+    # settle before taking the position that must not move.
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
     confirmed_before = consumer.confirmed_lsn()
     clickhouse_faults.hold_inserts()
     try:

@@ -7,6 +7,7 @@ entry points do that. A missing or malformed variable stops the process with one
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -18,11 +19,13 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 # The DATABASE_URL check and the bad-variable lines are the consumer's (which never imports
 # Django), so both processes judge and report configuration the same way.
-from cdc_consumer.settings import describe_invalid_settings, postgres_url
+# The slot and its thresholds (SlotCheckSettings) are shared too: `python -m cdc_consumer status`
+# and GET /health/outbox judge the slot by the same variables.
+from cdc_consumer.settings import SlotCheckSettings, describe_invalid_settings, postgres_url
 
 # Used only when DJANGO_DEBUG is true and DJANGO_SECRET_KEY is unset, so `runserver` works on a
 # laptop with nothing but DATABASE_URL. Never accepted with DEBUG off: see _secret_key below.
@@ -36,8 +39,9 @@ def _comma_list(value: object) -> object:
     return value
 
 
-class WebSettings(BaseSettings):
-    """Everything the web process can be told. Defaults are production-sane; see .env.example."""
+class WebSettings(SlotCheckSettings):
+    """Everything the web process (and its Celery worker and Beat) can be told. Defaults are
+    production-sane; see .env.example."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
@@ -46,10 +50,9 @@ class WebSettings(BaseSettings):
     # Declared before the secret key: its validator reads the already-validated debug flag.
     django_debug: bool = False
     django_secret_key: SecretStr = Field(default=SecretStr(""), validate_default=True)
-    django_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = [
-        "localhost",
-        "127.0.0.1",
-    ]
+    django_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"]
+    )
     sentry_dsn: SecretStr | None = None
     # Share of requests traced as Sentry transactions; 0 sends errors only.
     sentry_traces_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -58,6 +61,18 @@ class WebSettings(BaseSettings):
     # Upper bound on one event's serialised context. Contexts are audit facts, not documents;
     # the row also travels through the WAL and one ClickHouse batch.
     outbox_max_context_bytes: int = Field(default=65_536, gt=0, le=256 * 1024 * 1024)
+
+    # Celery's broker (Redis). Only the worker and Beat need it; the web app never sends tasks.
+    celery_broker_url: SecretStr | None = None
+    # Outbox rows are kept this long (ISO 8601 duration, e.g. P7D), and then only once shipped.
+    outbox_retention: timedelta = Field(default=timedelta(days=7), ge=timedelta(0))
+    # Rows per DELETE: each chunk is its own short transaction, so no lock is held for long.
+    outbox_prune_chunk_rows: int = Field(default=5_000, gt=0, le=1_000_000)
+    # Safety margin on the shipped-commit-time rule (see web/outbox/prune.py).
+    outbox_prune_commit_margin: timedelta = Field(default=timedelta(minutes=5), ge=timedelta(0))
+    # Beat intervals: prune hourly, check the slot every minute.
+    outbox_prune_interval_seconds: float = Field(default=3600.0, gt=0)
+    outbox_slot_check_interval_seconds: float = Field(default=60.0, gt=0)
 
     @field_validator("django_secret_key")
     @classmethod

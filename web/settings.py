@@ -52,3 +52,20 @@ ENVIRONMENT = _web.environment  # written into every outbox row; also Sentry's e
 OUTBOX_MAX_CONTEXT_BYTES = _web.outbox_max_context_bytes
 SENTRY_DSN = _web.sentry_dsn  # a SecretStr: masked in reprs and Django's debug page
 SENTRY_TRACES_SAMPLE_RATE = _web.sentry_traces_sample_rate
+
+# Celery (web/celery.py reads the CELERY_ namespace). Without a broker URL the web app and the
+# demo run as before; only the worker and Beat need Redis.
+CELERY_BROKER_URL = (
+    _web.celery_broker_url.get_secret_value() if _web.celery_broker_url is not None else None
+)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False  # Django's LOGGING (structlog) renders every line
+CELERY_TASK_ACKS_LATE = True  # both tasks are idempotent: a lost worker's task runs again
+
+# Outbox operations: pruning and the slot check (web/outbox/prune.py, web/outbox/slot.py).
+CDC_SLOT = _web.cdc_slot
+SLOT_THRESHOLDS = _web.slot_thresholds()
+OUTBOX_RETENTION = _web.outbox_retention
+OUTBOX_PRUNE_CHUNK_ROWS = _web.outbox_prune_chunk_rows
+OUTBOX_PRUNE_COMMIT_MARGIN = _web.outbox_prune_commit_margin
+OUTBOX_PRUNE_INTERVAL_SECONDS = _web.outbox_prune_interval_seconds
+OUTBOX_SLOT_CHECK_INTERVAL_SECONDS = _web.outbox_slot_check_interval_seconds

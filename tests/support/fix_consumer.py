@@ -191,3 +191,15 @@ def status_received_after(pg_conn, slot: str, since, *, seconds: float) -> bool:
         (since, seconds, slot),
     ).fetchone()
     return bool(row and row[0])
+
+
+def publish_probes(conn: psycopg.Connection[Any], count: int, environment: str) -> list[str]:
+    """Commit `count` outbox events in one transaction (plain SQL); returns their event ids."""
+    rows = conn.execute(
+        "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+        " event_context, metadata_version)"
+        " SELECT gen_random_uuid(), 'probe', clock_timestamp(), %s, jsonb_build_object('n', g), 1"
+        " FROM generate_series(1, %s::int) AS g RETURNING event_id::text",
+        (environment, count),
+    ).fetchall()
+    return [row[0] for row in rows]

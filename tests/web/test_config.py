@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
+from cdc_consumer.status import SlotThresholds
 from web.config import DEVELOPMENT_SECRET_KEY, WebSettings, load_settings
 
 _VARIABLES = [
@@ -17,6 +20,17 @@ _VARIABLES = [
     "LOG_LEVEL",
     "LOG_FORMAT",
     "OUTBOX_MAX_CONTEXT_BYTES",
+    "CELERY_BROKER_URL",
+    "CDC_SLOT",
+    "CDC_LAG_WARNING_BYTES",
+    "CDC_LAG_CRITICAL_BYTES",
+    "CDC_STALL_WARNING_SECONDS",
+    "CDC_STALL_CRITICAL_SECONDS",
+    "OUTBOX_RETENTION",
+    "OUTBOX_PRUNE_CHUNK_ROWS",
+    "OUTBOX_PRUNE_COMMIT_MARGIN",
+    "OUTBOX_PRUNE_INTERVAL_SECONDS",
+    "OUTBOX_SLOT_CHECK_INTERVAL_SECONDS",
 ]
 _URL = "postgresql://app:secret@db.internal:5432/app"
 
@@ -122,3 +136,41 @@ def test_secrets_are_masked_in_repr(env):
     text = repr(WebSettings())  # type: ignore[call-arg]
     for secret in ("app:secret", "very-secret-key-value", "public@sentry.example"):
         assert secret not in text
+
+
+def test_operations_defaults_and_env_forms(env):
+    """Retention, margin, intervals and slot thresholds default as documented in .env.example
+    and take seconds or ISO 8601 durations from the environment."""
+    env.setenv("DATABASE_URL", _URL)
+    env.setenv("DJANGO_SECRET_KEY", "k" * 50)
+    defaults = load_settings()
+    assert defaults.celery_broker_url is None
+    assert defaults.outbox_retention == timedelta(days=7)
+    assert defaults.outbox_prune_commit_margin == timedelta(minutes=5)
+    assert defaults.outbox_prune_chunk_rows == 5_000
+    assert defaults.outbox_prune_interval_seconds == 3600
+    assert defaults.outbox_slot_check_interval_seconds == 60
+    assert defaults.cdc_slot == "event_outbox_slot"
+    assert defaults.slot_thresholds() == SlotThresholds(
+        lag_warning_bytes=1024**3,
+        lag_critical_bytes=5 * 1024**3,
+        stall_warning_seconds=300,
+        stall_critical_seconds=1800,
+    )
+    env.setenv("OUTBOX_RETENTION", "P2D")
+    env.setenv("OUTBOX_PRUNE_COMMIT_MARGIN", "PT30S")
+    env.setenv("CDC_LAG_CRITICAL_BYTES", "1")
+    custom = load_settings()
+    assert custom.outbox_retention == timedelta(days=2)
+    assert custom.outbox_prune_commit_margin == timedelta(seconds=30)
+    assert custom.slot_thresholds().lag_critical_bytes == 1
+
+
+def test_negative_retention_is_refused(env):
+    """A negative OUTBOX_RETENTION stops the process with one line naming it."""
+    env.setenv("DATABASE_URL", _URL)
+    env.setenv("DJANGO_SECRET_KEY", "k" * 50)
+    env.setenv("OUTBOX_RETENTION", "-P1D")
+    with pytest.raises(SystemExit) as caught:
+        load_settings()
+    assert _exit_message(caught).startswith("configuration error: OUTBOX_RETENTION")

@@ -1,6 +1,11 @@
-"""web.health and the WSGI entry point."""
+"""web.health (liveness and the outbox slot check) and the WSGI entry point."""
 
 from __future__ import annotations
+
+import dataclasses
+
+import psycopg
+import pytest
 
 
 def test_health_answers_ok(client):
@@ -22,3 +27,34 @@ def test_wsgi_application_loads():
     from web.wsgi import application
 
     assert isinstance(application, WSGIHandler)
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_health_outbox_codes_follow_the_slot_check(
+    client, settings, make_consumer, clickhouse_server, postgres_url
+):
+    """GET /health/outbox: 503 for a missing slot, 200 for a warning (no consumer), 503 past a
+    critical threshold; the JSON names no connection string or credential."""
+    consumer = make_consumer(clickhouse_server.url)
+    settings.CDC_SLOT = consumer.slot
+    missing = client.get("/health/outbox")
+    assert missing.status_code == 503
+    assert missing.json()["severity"] == "critical"
+    consumer.migrate()
+    warning = client.get("/health/outbox")
+    assert warning.status_code == 200
+    assert warning.json()["severity"] == "warning"
+    settings.SLOT_THRESHOLDS = dataclasses.replace(
+        settings.SLOT_THRESHOLDS, stall_critical_seconds=0.001, lag_critical_bytes=1
+    )
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_logical_emit_message(true, 'health-test', 'lag')")
+    critical = client.get("/health/outbox")
+    assert critical.status_code == 503
+    body = critical.content.decode()
+    assert critical.json()["lag_bytes"] > 0
+    assert postgres_url not in body
+    assert "postgresql://" not in body
+    assert "secret" not in body.lower()
+    assert client.post("/health/outbox").status_code == 405

@@ -1,8 +1,8 @@
-"""The ORM's view of `event_outbox`.
+"""The ORM's view of `event_outbox` and `cdc_progress`.
 
-The table belongs to `sql/postgres/0001_event_outbox.sql` (applied by the sql/ runner, because
-the consumer depends on it and must not need Django), hence `managed = False`: Django never
-creates, alters or drops it. Keep the fields in step with that file.
+The tables belong to the numbered files in `sql/postgres/` (applied by the sql/ runner, because
+the consumer depends on them and must not need Django), hence `managed = False`: Django never
+creates, alters or drops them. Keep the fields in step with those files.
 """
 
 from __future__ import annotations
@@ -45,3 +45,23 @@ class EventOutbox(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.event_id}"
+
+
+class CdcProgress(models.Model):
+    """What the consumer has shipped to ClickHouse, per slot (written only by cdc_consumer).
+
+    Owned by `sql/postgres/0002_cdc_progress.sql`; pruning reads `last_commit_time`.
+    """
+
+    slot = models.TextField(primary_key=True)
+    confirmed_lsn = models.TextField()  # pg_lsn; read as text, never written from here
+    last_commit_time = models.DateTimeField(null=True)
+    confirmed_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = "cdc_progress"
+
+    def __str__(self) -> str:
+        return f"{self.slot} at {self.confirmed_lsn}"

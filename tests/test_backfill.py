@@ -1,0 +1,76 @@
+"""`python -m cdc_consumer backfill`: a lost slot's gap re-shipped from the outbox, exactly once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support.fix_clickhouse import clickhouse_select
+from tests.support.fix_consumer import current_wal_lsn, publish_probes
+
+pytestmark = pytest.mark.e2e
+
+
+def _counts(clickhouse_url: str, ids: list[str]) -> tuple[int, int, int]:
+    """Raw rows (no FINAL), distinct events, and rows with no source position (backfilled)."""
+    quoted = ",".join(f"'{event_id}'" for event_id in ids)
+    [[rows, distinct, backfilled]] = clickhouse_select(
+        clickhouse_url,
+        "SELECT count(), uniqExact(event_id), countIf(source_lsn = 0)"
+        f" FROM event_log WHERE event_id IN ({quoted})",
+    )
+    return int(rows), int(distinct), int(backfilled)
+
+
+def test_backfill_after_a_dropped_slot_delivers_the_gap_once(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """Shipped, then the slot is dropped and events land in the gap; backfill ships the gap and
+    skips what was there, the consumer streams what follows: every event once, without FINAL."""
+    # GIVEN events shipped through the slot
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    consumer.start()
+    shipped = publish_probes(pg_conn, 20, "before-loss")
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # WHEN the slot is lost and events are published with no slot to retain them
+    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    gap = publish_probes(pg_conn, 30, "in-the-gap")
+    # AND the operator backfills from before the loss (generously: shipped rows are skipped)
+    result = consumer.cli("backfill", "--since", since.isoformat())
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["shipped"] == 30
+    assert summary["skipped"] == 20
+    # AND more events follow, streamed by the consumer through the recreated slot
+    after = publish_probes(pg_conn, 10, "after-backfill")
+    consumer.start()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN every event is in event_log exactly once; only the gap came from the backfill
+    assert _counts(clickhouse_server.url, shipped + gap + after) == (60, 60, 30)
+    assert _counts(clickhouse_server.url, gap) == (30, 30, 30)
+    # AND a second backfill finds nothing left to ship (the slot must be gone again to run)
+    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    again = json.loads(consumer.cli("backfill", "--since", since.isoformat()).stdout)
+    assert (again["shipped"], again["skipped"]) == (0, 60)
+
+
+def test_backfill_refuses_a_healthy_slot(make_consumer, clickhouse_server):
+    """A usable slot delivers everything itself: backfill refuses rather than double events."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    result = consumer.cli("backfill", "--since", "2026-11-25T00:00:00+00:00")
+    assert result.returncode == 2
+    assert "exists" in result.stderr
+
+
+def test_backfill_needs_an_aware_time(make_consumer, clickhouse_server):
+    """`--since` without a UTC offset is refused before anything runs."""
+    consumer = make_consumer(clickhouse_server.url)
+    result = consumer.cli("backfill", "--since", "2026-11-25T00:00:00")
+    assert result.returncode != 0
+    assert "offset" in result.stderr

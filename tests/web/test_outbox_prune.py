@@ -1,0 +1,144 @@
+"""web.outbox.prune: only rows past the retention that are provably in ClickHouse go."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from tests.support.fix_clickhouse import clickhouse_select
+from tests.support.fix_consumer import current_wal_lsn, publish_probes, wait_for
+from web.outbox.prune import outbox_prune
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def _prune(slot: str, chunk_rows: int = 1000):
+    return outbox_prune(
+        slot=slot, retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=chunk_rows
+    )
+
+
+def _present(pg_conn, ids: list[str]) -> set[str]:
+    rows = pg_conn.execute(
+        "SELECT event_id::text FROM event_outbox WHERE event_id::text = ANY(%s)", (ids,)
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _commit_time(pg_conn, event_id: str):
+    return pg_conn.execute(
+        "SELECT pg_xact_commit_timestamp(xmin) FROM event_outbox WHERE event_id = %s", (event_id,)
+    ).fetchone()[0]
+
+
+def _wait_shipped(pg_conn, consumer, event_id: str) -> None:
+    """Until the consumer recorded a shipped commit at or after this event's commit."""
+    committed = _commit_time(pg_conn, event_id)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    wait_for(
+        lambda: pg_conn.execute(
+            "SELECT 1 FROM cdc_progress WHERE slot = %s AND last_commit_time >= %s",
+            (consumer.slot, committed),
+        ).fetchone(),
+        what="progress past the event",
+    )
+
+
+def _ship_and_stop(consumer, pg_conn, environment: str):
+    """Three events shipped by `consumer`, which is then stopped."""
+    consumer.migrate()
+    consumer.start()
+    ids = publish_probes(pg_conn, 3, environment)
+    _wait_shipped(pg_conn, consumer, ids[-1])
+    assert consumer.stop() == 0
+    return consumer, ids
+
+
+def test_consumer_stopped_retention_zero_deletes_nothing_unshipped(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """With the consumer stopped and retention 0, unshipped rows stay; shipped ones go, in
+    chunks."""
+    # GIVEN a slot whose consumer never ran: nothing is known to be shipped
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    waiting = publish_probes(pg_conn, 4, "prune-never-shipped")
+    result = _prune(consumer.slot)
+    assert result.deleted == 0
+    assert result.skipped_reason is not None
+    assert _present(pg_conn, waiting) == set(waiting)
+    # WHEN the consumer ships those (and 16 more), stops, and more are published
+    consumer.start()
+    shipped = waiting + publish_probes(pg_conn, 16, "prune-shipped")
+    _wait_shipped(pg_conn, consumer, shipped[-1])
+    assert consumer.stop() == 0
+    unshipped = publish_probes(pg_conn, 5, "prune-unshipped")
+    # THEN pruning removes the shipped rows in bounded chunks, and none of the others
+    result = _prune(consumer.slot, chunk_rows=7)
+    assert result.deleted >= 20
+    assert result.chunks >= 3
+    assert _present(pg_conn, shipped) == set()
+    assert _present(pg_conn, unshipped) == set(unshipped)
+    assert _prune(consumer.slot).deleted == 0
+
+
+def test_long_transaction_committed_after_a_shipped_batch_is_kept(
+    make_consumer, clickhouse_server, pg_conn, postgres_url
+):
+    """A row inserted before a shipped batch but committed after it (older created_at than the
+    last shipped commit) is not pruned until it has shipped itself."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    consumer.start()
+    with psycopg.connect(postgres_url) as late:
+        # GIVEN a transaction that inserts a row and stays open
+        [late_id] = publish_probes(late, 1, "prune-long-tx")
+        # AND a later transaction whose row ships while the first is still open
+        [early_id] = publish_probes(pg_conn, 1, "prune-short-tx")
+        _wait_shipped(pg_conn, consumer, early_id)
+        assert _prune(consumer.slot).deleted >= 1
+        assert _present(pg_conn, [early_id]) == set()
+        # WHEN the consumer stops and only then the long transaction commits
+        assert consumer.stop() == 0
+        late.commit()
+    created_at, committed_at, shipped_until = pg_conn.execute(
+        "SELECT o.created_at, pg_xact_commit_timestamp(o.xmin), p.last_commit_time"
+        " FROM event_outbox o, cdc_progress p WHERE o.event_id = %s AND p.slot = %s",
+        (late_id, consumer.slot),
+    ).fetchone()
+    # (a created_at rule would delete it: it was created before the last shipped commit)
+    assert created_at < shipped_until < committed_at
+    # THEN pruning keeps it
+    _prune(consumer.slot)
+    assert _present(pg_conn, [late_id]) == {late_id}
+    # AND once it has shipped, it goes, and it is in ClickHouse
+    consumer.start()
+    _wait_shipped(pg_conn, consumer, late_id)
+    assert consumer.stop() == 0
+    _prune(consumer.slot)
+    assert _present(pg_conn, [late_id]) == set()
+    assert clickhouse_select(
+        clickhouse_server.url, f"SELECT count() FROM event_log WHERE event_id = '{late_id}'"
+    ) == [[1]]
+
+
+def test_retention_keeps_young_rows(make_consumer, clickhouse_server, pg_conn):
+    """Shipped rows younger than the retention stay."""
+    consumer, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-young")
+    result = outbox_prune(
+        slot=consumer.slot, retention=timedelta(hours=1), commit_margin=timedelta(0), chunk_rows=10
+    )
+    assert _present(pg_conn, ids) == set(ids)
+    assert result.skipped_reason is None
+
+
+def test_missing_slot_stops_pruning(make_consumer, clickhouse_server, pg_conn):
+    """Once the slot is gone, shipped rows are kept too: the backfill needs the outbox."""
+    consumer, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-gone")
+    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    result = _prune(consumer.slot)
+    assert result.deleted == 0
+    assert "missing or lost" in (result.skipped_reason or "")
+    assert _present(pg_conn, ids) == set(ids)

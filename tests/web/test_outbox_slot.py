@@ -1,0 +1,85 @@
+"""web.outbox.slot: the slot check logs at the report's level and alerts Sentry on a breach."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sentry_sdk
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.transport import Transport
+
+from web.outbox.slot import outbox_slot_check
+
+
+class CapturingTransport(Transport):
+    """Sentry's edge of the process: keeps envelopes instead of sending them."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.events: list[Any] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        event = envelope.get_event()
+        if event is not None:
+            self.events.append(event)
+
+
+@pytest.fixture
+def sentry_events() -> Iterator[list[dict[str, Any]]]:
+    transport = CapturingTransport()
+    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport)
+    try:
+        yield transport.events
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)  # inactive again, as without a DSN
+
+
+@pytest.mark.django_db
+def test_missing_slot_is_critical_in_the_log_and_in_sentry(settings, caplog, sentry_events):
+    """A missing slot: one CRITICAL log line with the slot and problems, one fatal Sentry
+    message grouped by slot and severity."""
+    settings.CDC_SLOT = "no_such_slot"
+    with caplog.at_level(logging.INFO, logger="web.outbox.slot"):
+        report = outbox_slot_check()
+    assert report.severity == "critical"
+    [record] = [r for r in caplog.records if r.name == "web.outbox.slot"]
+    assert record.levelno == logging.CRITICAL
+    assert record.msg["slot"] == "no_such_slot"
+    assert "slot missing" in record.msg["problems"][0]
+    [event] = sentry_events
+    assert event["level"] == "fatal"
+    assert event["fingerprint"] == ["replication-slot", "no_such_slot", "critical"]
+    assert "no_such_slot critical: slot missing" in event["message"]
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db
+def test_warning_and_ok_levels(settings, caplog, sentry_events, make_consumer, clickhouse_server):
+    """A slot nobody streams is a warning (log line and Sentry); a streamed slot within the
+    thresholds is ok: an info line and nothing sent to Sentry."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    settings.CDC_SLOT = consumer.slot
+    with caplog.at_level(logging.INFO, logger="web.outbox.slot"):
+        report = outbox_slot_check()
+    assert report.severity == "warning"
+    assert [r.levelno for r in caplog.records if r.name == "web.outbox.slot"] == [logging.WARNING]
+    assert [event["level"] for event in sentry_events] == ["warning"]
+    consumer.start()
+    try:
+        caplog.clear()
+        settings.SLOT_THRESHOLDS = dataclasses.replace(
+            settings.SLOT_THRESHOLDS, lag_warning_bytes=0, lag_critical_bytes=0
+        )
+        with caplog.at_level(logging.INFO, logger="web.outbox.slot"):
+            report = outbox_slot_check()
+        assert report.severity == "ok", report.problems
+        assert [r.levelno for r in caplog.records if r.name == "web.outbox.slot"] == [logging.INFO]
+        assert len(sentry_events) == 1
+    finally:
+        assert consumer.stop() == 0

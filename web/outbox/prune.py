@@ -1,0 +1,97 @@
+"""`outbox_prune`: delete outbox rows past the retention that are provably in ClickHouse.
+
+The rule (why `created_at` alone is not enough): the slot ships transactions in commit order,
+but `created_at` is taken at INSERT, before the commit. A transaction that stays open for a
+while has an old `created_at` and commits after newer rows that have already shipped, so
+"created before the last shipped commit" does not prove a row shipped. What does: the row's
+own commit time. With `track_commit_timestamp = on` (postgres.conf), `pg_xact_commit_timestamp
+(xmin)` is the very timestamp pgoutput sends in that transaction's Commit message, and the
+consumer records the newest shipped one in `cdc_progress.last_commit_time`. A row is deleted
+only when
+
+    created_at < now - OUTBOX_RETENTION
+    and pg_xact_commit_timestamp(xmin) <= last_commit_time - OUTBOX_PRUNE_COMMIT_MARGIN
+
+The margin covers the one way commit-time order and commit (WAL) order can disagree: a
+backend takes its commit timestamp just before it writes the commit record, so two commits
+racing within microseconds can be stamped in one order and logged in the other (and the
+server clock may step). A row whose commit time is unknown (committed before
+track_commit_timestamp was on, or older than the server keeps them) is never deleted here.
+
+Pruning also stops while the slot is missing or lost: the backfill that repairs a lost slot
+reads the outbox, so the outbox must outlive the gap (see docs/architecture.md, operations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+from django.db import connection
+from django.db.models import DateTimeField
+from django.db.models.expressions import RawSQL
+from django.utils import timezone
+
+from web.outbox.models import CdcProgress, EventOutbox
+from web.outbox.slot import outbox_slot_report
+
+log = structlog.get_logger(__name__)
+
+_COMMITTED_AT = RawSQL('pg_xact_commit_timestamp("event_outbox"."xmin")', (), DateTimeField())
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    deleted: int
+    chunks: int
+    skipped_reason: str | None = None
+
+
+def outbox_prune(
+    *, slot: str, retention: timedelta, commit_margin: timedelta, chunk_rows: int
+) -> PruneResult:
+    """Delete shipped rows older than `retention` in chunks of `chunk_rows`, each chunk its own
+    short autocommit DELETE by primary key; returns how many went."""
+    reason = _unsafe_to_prune(slot)
+    if reason is not None:
+        log.warning("outbox prune skipped", slot=slot, reason=reason)
+        return PruneResult(deleted=0, chunks=0, skipped_reason=reason)
+    shipped = CdcProgress.objects.filter(slot=slot).values_list("last_commit_time", flat=True)
+    last_commit_time = shipped.first()
+    if last_commit_time is None:
+        reason = "the consumer has not recorded a shipped commit for this slot yet"
+        log.info("outbox prune skipped", slot=slot, reason=reason)
+        return PruneResult(deleted=0, chunks=0, skipped_reason=reason)
+    candidates = (
+        EventOutbox.objects.filter(created_at__lt=timezone.now() - retention)
+        .alias(committed_at=_COMMITTED_AT)
+        .filter(committed_at__lte=last_commit_time - commit_margin)
+        .order_by("created_at")
+        .values_list("event_id", flat=True)
+    )
+    deleted = chunks = 0
+    while ids := list(candidates[:chunk_rows]):
+        removed, _ = EventOutbox.objects.filter(event_id__in=ids).delete()
+        deleted += removed
+        chunks += 1
+    log.info(
+        "outbox pruned",
+        slot=slot,
+        deleted=deleted,
+        chunks=chunks,
+        shipped_until=last_commit_time.isoformat(),
+    )
+    return PruneResult(deleted=deleted, chunks=chunks)
+
+
+def _unsafe_to_prune(slot: str) -> str | None:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW track_commit_timestamp")
+        row = cursor.fetchone()
+    if row is None or row[0] != "on":
+        return "track_commit_timestamp is off: shipped rows cannot be told apart (postgres.conf)"
+    report = outbox_slot_report(slot=slot)
+    if not report.exists or report.wal_status == "lost":
+        return "the slot is missing or lost: the outbox is kept for the backfill"
+    return None

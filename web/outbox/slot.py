@@ -1,0 +1,64 @@
+"""The slot check, from Django: the consumer's report (cdc_consumer.status), read over Django's
+own database connection, and the alert a breach raises (structured log line and Sentry).
+
+`outbox_slot_report` only reads (the health view uses it); `outbox_slot_check` also alerts (the
+Celery task and the management command use it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import sentry_sdk
+import structlog
+from django.conf import settings
+from django.db import connection
+from sentry_sdk.integrations.logging import ignore_logger
+
+from cdc_consumer.status import Severity, SlotReport, slot_report
+
+log = structlog.get_logger(__name__)
+# The check sends its own Sentry message with the report attached; Sentry's logging integration
+# would otherwise turn the same breach's log line into a second event.
+ignore_logger(__name__)
+
+_SENTRY_LEVEL: dict[Severity, Literal["warning", "fatal"]] = {
+    Severity.WARNING: "warning",
+    Severity.CRITICAL: "fatal",
+}
+
+
+def outbox_slot_report(*, slot: str | None = None) -> SlotReport:
+    """The slot report for `slot` (default CDC_SLOT), judged by the configured thresholds."""
+    connection.ensure_connection()
+    return slot_report(connection.connection, slot or settings.CDC_SLOT, settings.SLOT_THRESHOLDS)
+
+
+def outbox_slot_check(*, slot: str | None = None) -> SlotReport:
+    """The report, plus a log line at its severity and, on a breach, a Sentry message."""
+    report = outbox_slot_report(slot=slot)
+    fields = {
+        "slot": report.slot,
+        "severity": report.severity.value,
+        "problems": list(report.problems),
+        "active": report.active,
+        "wal_status": report.wal_status,
+        "lag_bytes": report.lag_bytes,
+        "seconds_since_confirm": report.seconds_since_confirm,
+    }
+    if report.severity is Severity.OK:
+        log.info("replication slot ok", **fields)
+        return report
+    if report.severity is Severity.WARNING:
+        log.warning("replication slot needs attention", **fields)
+    else:
+        log.critical("replication slot critical", **fields)
+    # One event per breach, grouped per slot and severity, with the report as context.
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["replication-slot", report.slot, report.severity.value]
+        scope.set_context("slot", report.as_dict())
+        sentry_sdk.capture_message(
+            f"replication slot {report.slot} {report.severity.value}: {report.problems[0]}",
+            level=_SENTRY_LEVEL[report.severity],
+        )
+    return report
