@@ -110,7 +110,7 @@ def _ship(
     url: str, snapshot: str, since: datetime, transport: ClickHouseTransport, slot: str
 ) -> BackfillResult:
     encoder = EventLogEncoder(_RELATION)
-    worker = SinkWorker(ClickHouseSink(transport), retry_cap_seconds=30.0)
+    worker = SinkWorker(ClickHouseSink(transport, slot=slot), retry_cap_seconds=30.0)
     read = skipped = 0
     try:
         with psycopg.connect(url) as conn:

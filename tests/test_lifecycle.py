@@ -104,7 +104,13 @@ def test_second_sigterm_exits_at_once_without_confirming(make_consumer, clickhou
     consumer.migrate()
     consumer.start()
     # The consumer's first cdc_progress write is WAL that an idle slot then confirms: let it
-    # settle before taking the position that must not move.
+    # happen and settle before taking the position that must not move.
+    wait_for(
+        lambda: pg_conn.execute(
+            "SELECT 1 FROM cdc_progress WHERE slot = %s", (consumer.slot,)
+        ).fetchone(),
+        what="the consumer's first progress record",
+    )
     consumer.wait_confirmed(current_wal_lsn(pg_conn))
     confirmed_before = consumer.confirmed_lsn()
     clickhouse_faults.hold_inserts()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import psycopg
 import pytest
@@ -58,3 +59,26 @@ def test_health_outbox_codes_follow_the_slot_check(
     assert "postgresql://" not in body
     assert "secret" not in body.lower()
     assert client.post("/health/outbox").status_code == 405
+
+
+@pytest.mark.django_db(transaction=True)
+def test_health_outbox_is_503_when_the_database_is_unreachable(client, settings):
+    """With PostgreSQL unreachable, GET /health/outbox is a critical 503 naming no host."""
+    from django.db import connection
+
+    with socket.socket() as probe:  # a port nobody listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    real_port = connection.settings_dict["PORT"]
+    connection.close()
+    connection.settings_dict["PORT"] = dead_port
+    try:
+        response = client.get("/health/outbox")
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = real_port
+    assert response.status_code == 503
+    assert response.json()["severity"] == "critical"
+    assert "unreachable" in response.json()["problems"][0]
+    assert str(dead_port) not in response.content.decode()
+    assert "127.0.0.1" not in response.content.decode()
