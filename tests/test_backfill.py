@@ -59,6 +59,68 @@ def test_backfill_after_a_dropped_slot_delivers_the_gap_once(
     assert (again["shipped"], again["skipped"]) == (0, 60)
 
 
+@pytest.fixture
+def slot_wal_limit(pg_conn):
+    """Set max_slot_wal_keep_size on the shared server for one test, then restore it."""
+
+    def limit(size: str) -> None:
+        pg_conn.execute(f"ALTER SYSTEM SET max_slot_wal_keep_size = '{size}'")
+        pg_conn.execute("SELECT pg_reload_conf()")
+
+    yield limit
+    pg_conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+    pg_conn.execute("SELECT pg_reload_conf()")
+
+
+def _invalidate(pg_conn, slot: str) -> None:
+    """Write WAL past the slot's allowance until a checkpoint invalidates it."""
+    for _ in range(4):
+        pg_conn.execute("CREATE TEMP TABLE IF NOT EXISTS wal_filler (n int)")
+        pg_conn.execute("INSERT INTO wal_filler SELECT generate_series(1, 1000)")
+        pg_conn.execute("SELECT pg_switch_wal()")
+        pg_conn.execute("CHECKPOINT")
+        [[status]] = pg_conn.execute(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchall()
+        if status == "lost":
+            return
+    pytest.fail(f"slot {slot} still {status} after four WAL segments and checkpoints")
+
+
+def test_slot_invalidated_by_postgres_is_critical_and_backfill_recovers(
+    make_consumer, clickhouse_server, pg_conn, slot_wal_limit
+):
+    """PostgreSQL gives up a slot past max_slot_wal_keep_size: `status` is critical naming
+    wal_status lost; backfill drops and recreates it and ships the gap, each event once."""
+    # GIVEN events shipped, then the consumer stopped while events keep coming
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    consumer.start()
+    shipped = publish_probes(pg_conn, 10, "before-invalidation")
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    gap = publish_probes(pg_conn, 15, "while-lost")
+    # WHEN the slot's WAL allowance runs out and a checkpoint invalidates it
+    slot_wal_limit("1MB")
+    _invalidate(pg_conn, consumer.slot)
+    # THEN the slot check is critical and says why
+    status = consumer.cli("status", "--json")
+    report = json.loads(status.stdout)
+    assert (status.returncode, report["severity"], report["wal_status"]) == (1, "critical", "lost")
+    assert any("lost" in problem for problem in report["problems"])
+    # AND backfill recreates the slot and ships what the lost slot never delivered
+    result = consumer.cli("backfill", "--since", since.isoformat())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["shipped"] == 15
+    slot_wal_limit("10GB")
+    consumer.start()
+    after = publish_probes(pg_conn, 5, "after-recovery")
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    assert _counts(clickhouse_server.url, shipped + gap + after) == (30, 30, 15)
+
+
 def test_backfill_refuses_a_healthy_slot(make_consumer, clickhouse_server):
     """A usable slot delivers everything itself: backfill refuses rather than double events."""
     consumer = make_consumer(clickhouse_server.url)
