@@ -133,7 +133,7 @@ def _ship(
                     fresh = [row for row in rows if row[0] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
-                        encoder.encode([value.encode() for value in row], ORIGIN) for row in fresh
+                        encoder.encode([_wire(value) for value in row], ORIGIN) for row in fresh
                     ]
                     if encoded:
                         _submit(worker, Batch(rows=encoded))
@@ -160,3 +160,8 @@ def _submit(worker: SinkWorker, batch: Batch) -> None:
     while not worker.submit(batch, timeout=1.0):
         if worker.fatal is not None:
             raise worker.fatal
+
+
+def _wire(value: str | None) -> bytes | None:
+    """A column's text as pgoutput would send it: bytes, or None for NULL."""
+    return None if value is None else value.encode()

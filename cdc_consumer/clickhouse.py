@@ -51,6 +51,7 @@ OUTBOX_COLUMNS = (
     "environment",
     "event_context",
     "metadata_version",
+    "trace_id",  # NULL when the publisher was not traced: written as ''
 )
 
 
@@ -204,7 +205,7 @@ class EventLogEncoder:
         return quoted
 
     def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
-        event_id, event_type, date_time, environment, context, version = (
+        event_id, event_type, date_time, environment, context, version, trace_id = (
             values[i] for i in self._index
         )
         if not (
@@ -236,6 +237,8 @@ class EventLogEncoder:
                 orjson.dumps(context.decode()),
                 b',"metadata_version":',
                 version,
+                b',"trace_id":',
+                orjson.dumps(trace_id.decode()) if isinstance(trace_id, bytes) else b'""',
                 b',"source_lsn":%d,"source_seq":%d}' % position,
             )
         )

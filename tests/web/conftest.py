@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import sentry_sdk
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.transport import Transport
 
 
 @pytest.fixture
@@ -23,3 +28,30 @@ def committed_outbox(settings, pg_conn):
 def fast_passwords(settings):
     """A cheap hasher: the default PBKDF2 costs about a second per password."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+class CapturingTransport(Transport):
+    """Sentry's edge of the process: keeps events and transactions instead of sending them."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.events: list[Any] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        event = envelope.get_event() or envelope.get_transaction_event()
+        if event is not None:
+            self.events.append(event)
+
+
+@pytest.fixture
+def sentry_events() -> Iterator[list[dict[str, Any]]]:
+    """Sentry initialised with tracing on and a capturing transport; the events it got."""
+    transport = CapturingTransport()
+    sentry_sdk.init(
+        dsn="https://public@sentry.invalid/1", transport=transport, traces_sample_rate=1.0
+    )
+    try:
+        yield transport.events
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)  # inactive again, as without a DSN

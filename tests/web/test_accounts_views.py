@@ -1,4 +1,4 @@
-"""POST /api/users/: a thin JSON view over user_create."""
+"""POST /api/users/ and POST /api/login/: thin JSON views over user_create and user_login."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
+from web.accounts.services import user_create
 from web.outbox.models import EventOutbox
 
 pytestmark = pytest.mark.django_db
@@ -16,9 +17,14 @@ _URL = "/api/users/"
 _BODY = {"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}
 
 
-def _post(client: Client, body: dict[str, Any] | str) -> Any:
+def _post(
+    client: Client,
+    body: dict[str, Any] | str,
+    url: str = _URL,
+    headers: dict[str, str] | None = None,
+) -> Any:
     # The test client JSON-encodes a dict; a string is sent as is (for malformed bodies).
-    return client.post(_URL, data=body, content_type="application/json")
+    return client.post(url, data=body, content_type="application/json", headers=headers)
 
 
 def test_created(client):
@@ -86,3 +92,78 @@ def test_duplicate_email_is_409(client):
 def test_only_post_is_allowed(client):
     """GET on the collection is 405 (there is no listing)."""
     assert client.get(_URL).status_code == 405
+
+
+_LOGIN_URL = "/api/login/"
+
+
+@pytest.fixture
+def ada(fast_passwords) -> User:
+    """An active user who can log in with `right-pass`."""
+    return user_create(
+        email="ada@example.com", first_name="A", last_name="L", password="right-pass"
+    )
+
+
+def _login(client: Client, body: dict[str, Any] | str) -> Any:
+    return _post(client, body, _LOGIN_URL, headers={"User-Agent": "test-agent/1.0"})
+
+
+def test_login_ok(client, ada):
+    """The right credentials give 200 with the user's id and no login event."""
+    response = _login(client, {"username": "ada@example.com", "password": "right-pass"})
+    assert response.status_code == 200
+    assert response.json() == {"id": ada.pk}
+    assert not EventOutbox.objects.filter(event_type="login_failed").exists()
+
+
+def test_login_refusals_look_the_same(client, ada):
+    """Unknown user and bad password give the same 401 body; the audit tells them apart."""
+    unknown = _login(client, {"username": "nobody@example.com", "password": "right-pass"})
+    bad = _login(client, {"username": "ada@example.com", "password": "wrong-pass"})
+    assert (unknown.status_code, bad.status_code) == (401, 401)
+    assert unknown.content == bad.content == b'{"error": "invalid credentials"}'
+    contexts = EventOutbox.objects.filter(event_type="login_failed").order_by("event_id")
+    assert [row.event_context for row in contexts] == [
+        {
+            "username": username,
+            "reason": reason,
+            "remote_addr": "127.0.0.1",
+            "user_agent": "test-agent/1.0",
+        }
+        for username, reason in [
+            ("nobody@example.com", "unknown_user"),
+            ("ada@example.com", "bad_password"),
+        ]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"username": "ada@example.com"}, "password"),
+        ({"username": "ada@example.com", "password": "pw", "remember": True}, "remember"),
+        ({"username": 7, "password": "pw"}, "username"),
+        ({"username": "ada\x00", "password": "pw"}, "username"),
+        ("{not json", "body"),
+    ],
+    ids=["missing-field", "unknown-field", "wrong-type", "nul-in-username", "not-json"],
+)
+def test_login_malformed_body_is_400(client, body, field):
+    """A body of the wrong shape gives 400 naming the field, and publishes nothing."""
+    response = _login(client, body)
+    assert response.status_code == 400
+    assert field in response.json()["fields"]
+    assert not EventOutbox.objects.exists()
+
+
+def test_login_password_is_not_echoed_in_errors(client):
+    """A 400 never repeats the submitted password."""
+    response = _login(client, {"username": ["x"], "password": "hunter2-secret"})
+    assert response.status_code == 400
+    assert "hunter2-secret" not in response.content.decode()
+
+
+def test_login_only_post_is_allowed(client):
+    """GET on the login endpoint is 405."""
+    assert client.get(_LOGIN_URL).status_code == 405

@@ -4,39 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-import sentry_sdk
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 
 from web.outbox.slot import outbox_slot_check
-
-
-class CapturingTransport(Transport):
-    """Sentry's edge of the process: keeps envelopes instead of sending them."""
-
-    def __init__(self, options: dict[str, Any] | None = None) -> None:
-        super().__init__(options)
-        self.events: list[Any] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        event = envelope.get_event()
-        if event is not None:
-            self.events.append(event)
-
-
-@pytest.fixture
-def sentry_events() -> Iterator[list[dict[str, Any]]]:
-    transport = CapturingTransport()
-    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport)
-    try:
-        yield transport.events
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)  # inactive again, as without a DSN
 
 
 @pytest.mark.django_db

@@ -1,1 +1,2 @@
-"""The example domain: creating a user publishes `user_created` in the same transaction."""
+"""The example domain: creating a user publishes `user_created` in the same transaction; a
+refused login publishes `login_failed`."""

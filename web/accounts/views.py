@@ -6,13 +6,20 @@ checked for shape by pydantic; the service checks the values (Django's User vali
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pydantic
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from web.accounts.services import UserEmailTakenError, user_create
+from web.accounts.services import (
+    InvalidCredentialsError,
+    UserEmailTakenError,
+    user_create,
+    user_login,
+)
 
 
 class UserCreateBody(pydantic.BaseModel):
@@ -44,6 +51,40 @@ def user_create_api(request: HttpRequest) -> JsonResponse:
     except UserEmailTakenError:
         return JsonResponse({"error": "a user with this email already exists"}, status=409)
     return JsonResponse({"id": user.pk, "email": user.email}, status=201)
+
+
+def _refuse_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, so the username lookup would fail with a DataError.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class UserLoginBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    username: Annotated[str, pydantic.AfterValidator(_refuse_nul)]
+    password: str
+
+
+@csrf_exempt
+@require_POST
+def user_login_api(request: HttpRequest) -> JsonResponse:
+    """POST /api/login/ -> 200 {id}; 400 invalid body; 401 for any refusal, never saying why."""
+    try:
+        body = UserLoginBody.model_validate_json(request.body)
+    except pydantic.ValidationError as exc:
+        return _bad_request(_pydantic_problems(exc))
+    try:
+        user = user_login(
+            username=body.username,
+            password=body.password,
+            remote_addr=request.META.get("REMOTE_ADDR"),
+            user_agent=request.META.get("HTTP_USER_AGENT"),
+        )
+    except InvalidCredentialsError:
+        return JsonResponse({"error": "invalid credentials"}, status=401)
+    return JsonResponse({"id": user.pk})
 
 
 def _bad_request(problems: dict[str, list[str]]) -> JsonResponse:

@@ -16,12 +16,10 @@ from django.db.models.functions import Now
 
 
 class OrjsonEncoder(json.JSONEncoder):
-    """Encodes jsonb parameters with orjson, which passes `orjson.Fragment` through verbatim.
+    """Encodes jsonb values the ORM writes or looks up with orjson, not the json module.
 
-    `event_publish` has already serialised and checked the context; handing the field a
-    Fragment of that text means the INSERT carries exactly those bytes, encoded once. Any other
-    value (e.g. in a lookup) is encoded by orjson too, so NaN never becomes a bare `NaN` token,
-    which PostgreSQL would reject.
+    The json module writes NaN as a bare `NaN` token, which PostgreSQL rejects; orjson writes
+    null instead (publishing, which writes the rows, refuses NaN before it gets here).
     """
 
     def encode(self, o: Any) -> str:
@@ -37,6 +35,7 @@ class EventOutbox(models.Model):
     environment = models.TextField()
     event_context = models.JSONField(encoder=OrjsonEncoder)
     metadata_version = models.BigIntegerField()
+    trace_id = models.TextField(null=True)  # the publishing request's Sentry trace, if traced
     created_at = models.DateTimeField(db_default=Now())  # set by PostgreSQL, read by pruning
 
     class Meta:
