@@ -55,9 +55,9 @@ WARMUP_PUBLISHES = 500
 WARMUP_DIRECT_INSERTS = 50
 SMALL_LIST = 100
 # An application logging straight to ClickHouse writes the outbox row's columns (event_log's
-# source_lsn/source_seq and event_context_raw take their defaults). Their types are given up
-# front, so each insert is one HTTP request: without them clickhouse-connect first asks the
-# server to DESCRIBE the table, a second round trip per event.
+# source_lsn/source_seq and event_context_raw take their defaults; trace_id is '', as tracing
+# is off here). Their types are given up front, so each insert is one HTTP request: without
+# them clickhouse-connect first asks the server to DESCRIBE the table, a second round trip.
 DIRECT_COLUMN_TYPES = (
     "UUID",
     "LowCardinality(String)",
@@ -65,6 +65,7 @@ DIRECT_COLUMN_TYPES = (
     "LowCardinality(String)",
     "JSON",
     "UInt64",
+    "String",
 )
 
 
@@ -121,6 +122,7 @@ def _direct_row(event: Any) -> list[Any]:
         "bench",
         event.model_dump(mode="json"),
         event.metadata_version,
+        "",
     ]
 
 
