@@ -8,7 +8,9 @@ Starts a disposable PostgreSQL, migrates it (Django's migrations and the sql/ ru
 
 1. `publish(event)` of a `UserCreated`, N single calls inside one `transaction.atomic()` (the
    caller's transaction) after 500 warm-up calls: p50, p99 and mean of the call alone; building
-   the event is timed apart.
+   the event is timed apart. Beside it, on the same connection: `SELECT 1` (the round trip
+   every statement pays, the floor) and the same row written by the ORM's `Model.save()`
+   (the path publish does not take).
 2. The old way, one synchronous single-row insert per event into `event_log`: through
    clickhouse-connect's `client.insert` to the chDB HTTP test server (tests/support), and into
    chDB in this process (`INSERT ... FORMAT JSONEachRow`, one row). Each timed call turns the
@@ -40,9 +42,9 @@ from typing import Any
 import django
 import orjson
 import psycopg
-import uuid6
 from django.core.management import call_command
 from django.db import transaction
+from uuid_utils.compat import uuid7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -113,10 +115,33 @@ def _time_calls(call: Callable[[Any], object], events: Sequence[Any], warmup: in
     return samples
 
 
+def _select_one(_event: Any) -> None:
+    """One statement's round trip through Django's cursor: what no publish can go below."""
+    from django.db import connection  # noqa: PLC0415  (after django.setup())
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def _orm_save(event: Any) -> None:
+    """The same outbox row through `Model.save()`, as publish could have written it."""
+    from web.outbox.models import EventOutbox  # noqa: PLC0415  (after django.setup())
+    from web.outbox.publish import event_context_serialize  # noqa: PLC0415
+
+    EventOutbox(
+        event_id=uuid7(),
+        event_type=event.event_type,
+        event_date_time=datetime.now(UTC),
+        environment="bench",
+        event_context=orjson.Fragment(event_context_serialize(event=event, max_bytes=65536)),
+        metadata_version=event.metadata_version,
+    ).save(force_insert=True)
+
+
 def _direct_row(event: Any) -> list[Any]:
     """The event as one event_log row, the way an application would build it."""
     return [
-        uuid6.uuid7(),
+        uuid7(),
         event.event_type,
         datetime.now(UTC),
         "bench",
@@ -194,6 +219,8 @@ def main() -> None:
         build_us = (time.perf_counter_ns() - started) / len(events) / 1000
         with transaction.atomic():
             publish_samples = _time_calls(publish, events, WARMUP_PUBLISHES)
+            floor = _summary(_time_calls(_select_one, events, WARMUP_PUBLISHES))
+            orm = _summary(_time_calls(_orm_save, events, WARMUP_PUBLISHES))
         published = _summary(publish_samples)
 
         many_rates: list[float] = []
@@ -223,6 +250,8 @@ def main() -> None:
     print(json.dumps({
         "publishes": args.publishes,
         "publish": published,
+        "round_trip_floor": floor,
+        "orm_save": orm,
         "event_build_us": round(build_us, 1),
         "direct_inserts": args.direct_inserts,
         "direct_http": http,
