@@ -267,3 +267,25 @@ def test_what_clickhouse_connect_sends_by_default(
     assert native_insert["content_encoding"] == "lz4"
     assert native_insert["transfer_encoding"] == "chunked"
     assert client.command(f"SELECT count() FROM {table}") == 2
+
+
+def test_binary_insert_holding_a_blank_line_arrives_whole(client: Any) -> None:
+    """Native and RowBinary data with 0A 0A bytes (a UUID can hold them) lands exactly."""
+    name = f"http_blank_line_{uuid.uuid4().hex[:12]}"
+    client.command(f"CREATE TABLE {name} (id UUID, s String) ENGINE = MergeTree ORDER BY id")
+    try:
+        rows = [
+            [uuid.UUID(bytes=b"\x01" * 7 + b"\n\n" + b"\x02" * 7), "two\n\nlines"],
+            [uuid.UUID(bytes=b"\n\n" * 8), "\n\n"],
+        ]
+        client.insert(name, rows, column_names=["id", "s"])  # Native, lz4, chunked
+        client.raw_insert(
+            name, ["id", "s"], insert_block=b"\n\n" * 8 + b"\x04a\n\nb" + b"\x00" * 16 + b"\x00",
+            fmt="RowBinary",
+        )  # fmt: skip
+        stored = client.query(f"SELECT id, s FROM {name} ORDER BY s").result_rows
+    finally:
+        client.command(f"DROP TABLE IF EXISTS {name}")
+    assert sorted(map(tuple, stored)) == sorted(
+        [*map(tuple, rows), (uuid.UUID(bytes=b"\n\n" * 8), "a\n\nb"), (uuid.UUID(int=0), "")]
+    )

@@ -15,7 +15,9 @@ that is not part of the HTTP protocol itself (``query``, ``database``, ``user``,
 ``SETTINGS`` clause, so chDB applies it or fails on it exactly as a real server would:
 
 - ``INSERT INTO t [(cols)] SETTINGS k = 'v' FORMAT fmt <data>``: right after the table, where
-  the grammar puts an INSERT's settings (the data is never touched);
+  the grammar puts an INSERT's settings (the data is never changed; data holding a blank line
+  is handed to chDB as ``FROM INFILE``, because chDB, like clickhouse-client reading a script,
+  would end inline data there where a real server reads the whole body);
 - any other statement: ``<statement> FORMAT fmt SETTINGS k = 'v'`` (the clause ClickHouse
   parses after any query with output, DDL included); ``DELETE``/``UPDATE`` take a bare
   ``SETTINGS`` clause;
@@ -71,6 +73,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -129,6 +132,13 @@ _IDENTIFIER = rb'(?:`(?:[^`\\]|\\.)*`|"(?:[^"\\]|\\.)*"|[A-Za-z_][A-Za-z0-9_$]*)
 _QUALIFIED_NAME = re.compile(_IDENTIFIER + rb"(?:\s*\.\s*" + _IDENTIFIER + rb")*")
 _FUNCTION_NAME = re.compile(rb"FUNCTION\s+[A-Za-z_][A-Za-z0-9_]*\s*(?=\()", re.IGNORECASE)
 _EXISTING_SETTINGS = re.compile(rb"\s+SETTINGS\s+", re.IGNORECASE)
+# After the target: [SETTINGS ...] FORMAT fmt, then the data (ClickHouse skips blanks and one
+# line break after the format name). A VALUES or SELECT insert has no FORMAT clause here.
+_INLINE_FORMAT = re.compile(
+    rb"(?P<settings>\s+SETTINGS\s(?:(?!\b(?:VALUES|SELECT|WITH)\b).)*?)?"
+    rb"\s*\bFORMAT\s+(?P<fmt>[A-Za-z0-9_]+)[ \t\f]*\r?\n?",
+    re.IGNORECASE | re.DOTALL,
+)
 # The real server's preference when Accept-Encoding lists several (br would come first).
 _RESPONSE_ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
     "gzip": gzip.compress,
@@ -188,6 +198,33 @@ def settings_clause(settings: dict[str, str]) -> bytes:
 
 def insert_with_settings(sql: bytes, clause: bytes) -> bytes:
     """`INSERT INTO t [(cols)] SETTINGS <clause> <rest>`; inline data is left untouched."""
+    pos = _insert_target_end(sql)
+    existing = _EXISTING_SETTINGS.match(sql, pos)
+    if existing:  # ours first, so the query's own SETTINGS win as they do on a real server
+        return sql[: existing.end()] + clause + b", " + sql[existing.end() :]
+    return sql[:pos] + b" SETTINGS " + clause + b" " + sql[pos:]
+
+
+def insert_from_file(sql: bytes, path: Path) -> bytes | None:
+    """`INSERT INTO t [(cols)] FROM INFILE 'path' [SETTINGS ...] FORMAT fmt`, the inline data
+    written to `path`, when that data holds a blank line; None otherwise (run it as it is).
+
+    chDB ends inline INSERT data at the first blank line, as clickhouse-client does in a
+    script, where a real server reads the whole body: a Native or RowBinary block with the
+    bytes 0A 0A in it (one single-row insert of a random UUID in about 4,000) would be cut.
+    """
+    pos = _insert_target_end(sql)
+    clause = _INLINE_FORMAT.match(sql, pos)
+    if clause is None or b"\n\n" not in sql[clause.end() :]:
+        return None
+    path.write_bytes(sql[clause.end() :])
+    settings = clause.group("settings") or b""
+    quoted = str(path).replace("\\", "\\\\").replace("'", "\\'").encode()
+    return sql[:pos] + b" FROM INFILE '" + quoted + b"'" + settings + b" FORMAT " + clause["fmt"]
+
+
+def _insert_target_end(sql: bytes) -> int:
+    """Index just past `INSERT INTO t [(cols)]`, where the grammar puts SETTINGS."""
     head = _LEADING_NOISE.match(sql)
     into = _INSERT_INTO.match(sql, head.end() if head else 0)
     if into is None:
@@ -203,10 +240,7 @@ def insert_with_settings(sql: bytes, clause: bytes) -> bytes:
     columns = re.compile(rb"\s*\(").match(sql, pos)
     if columns:
         pos = _skip_parentheses(sql, columns.end() - 1)
-    existing = _EXISTING_SETTINGS.match(sql, pos)
-    if existing:  # ours first, so the query's own SETTINGS win as they do on a real server
-        return sql[: existing.end()] + clause + b", " + sql[existing.end() :]
-    return sql[:pos] + b" SETTINGS " + clause + b" " + sql[pos:]
+    return pos
 
 
 def _skip_parentheses(sql: bytes, pos: int) -> int:
@@ -269,6 +303,7 @@ class Engine:
         # ~260 MB, and one data path per process: only the server process loads chDB.
         chdb_session: Any = importlib.import_module("chdb.session")
         self._session: Any = chdb_session.Session(path)
+        self._path = Path(path)
         self._lock = threading.Lock()
         self._database: str | None = None
         self.version, self.timezone, compression = (
@@ -292,7 +327,7 @@ class Engine:
                 sql = query.sql
                 if query.settings:
                     sql = insert_with_settings(sql, settings_clause(query.settings))
-                outcome = self._run(sql, query.default_format, query.params)
+                outcome = self._run_insert(sql, query.default_format, query.params)
             else:
                 outcome = self._run_with_settings(query, keyword)
             if keyword == "USE":
@@ -353,6 +388,14 @@ class Engine:
             file=sys.stderr,
         )
         return self._run(statement, query.default_format, query.params, result_format)
+
+    def _run_insert(self, sql: bytes, fmt: str, params: dict[str, str]) -> Outcome:
+        spill = self._path / f"inline-{uuid.uuid4().hex}.data"
+        try:
+            from_file = insert_from_file(sql, spill)
+            return self._run(from_file or sql, fmt, params)
+        finally:
+            spill.unlink(missing_ok=True)
 
     def _run(
         self, sql: bytes, fmt: str, params: dict[str, str], result_format: str | None = None
