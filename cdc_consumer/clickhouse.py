@@ -125,6 +125,8 @@ class ChdbTransport:
         # No query_id: an insert runs inside this process and cannot outlive it, so there is
         # never an earlier run's insert to find (see ClickHouseSink.fence_earlier_runs).
         del query_id
+        # Inline data is safe here: chDB ends it at a blank line, and encoded rows are one line
+        # each (JSON escapes every newline inside them), joined by single newlines.
         head = (
             f"INSERT INTO {table} SETTINGS {_settings_clause(INSERT_SETTINGS)} FORMAT JSONEachRow\n"
         )
