@@ -85,7 +85,7 @@ def main() -> None:  # noqa: PLR0915  (a benchmark script reads best top to bott
             conn.execute("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
             started = time.perf_counter()
             chunks = args.events // args.tx_size
-            conn.execute(FILL_SQL % {"chunks": chunks, "size": args.tx_size})  # type: ignore[arg-type]
+            conn.execute(FILL_SQL % {"chunks": chunks, "size": args.tx_size})
             fill_seconds = time.perf_counter() - started
             target = _lsn(conn, "SELECT pg_current_wal_lsn()::text")
             wal_bytes = conn.execute(
