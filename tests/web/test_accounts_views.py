@@ -6,6 +6,9 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.handlers.wsgi import WSGIHandler
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from django.test import Client
 
 from web.accounts.services import user_create
@@ -167,3 +170,27 @@ def test_login_password_is_not_echoed_in_errors(client):
 def test_login_only_post_is_allowed(client):
     """GET on the login endpoint is 405."""
     assert client.get(_LOGIN_URL).status_code == 405
+
+
+def test_event_row_leads_back_to_the_request_trace(rf, sentry_events):
+    """With tracing on, the outbox row carries the trace id of the request that published it."""
+    # Through the WSGI application, as a server calls it: that is where Sentry's Django
+    # integration opens the request's transaction (the test client bypasses it).
+    environ = rf.post(
+        _URL, data={**_BODY, "email": "traced@example.com"}, content_type="application/json"
+    ).environ
+    statuses: list[str] = []
+    # As Django's test client does: the test's connection (and its transaction) must survive
+    # the request's start and end signals.
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        body = WSGIHandler()(environ, lambda status, headers: statuses.append(status))
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
+    assert statuses == ["201 Created"], b"".join(body)
+    [request_trace] = [e for e in sentry_events if e.get("type") == "transaction"]
+    assert request_trace["transaction"] == "/api/users/"
+    row = EventOutbox.objects.get(event_type="user_created")
+    assert row.trace_id == request_trace["contexts"]["trace"]["trace_id"]
