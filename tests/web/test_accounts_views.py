@@ -180,12 +180,17 @@ def test_event_row_leads_back_to_the_request_trace(rf, sentry_events):
         _URL, data={**_BODY, "email": "traced@example.com"}, content_type="application/json"
     ).environ
     statuses: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+        statuses.append(status)
+        return lambda data: None
+
     # As Django's test client does: the test's connection (and its transaction) must survive
     # the request's start and end signals.
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     try:
-        body = WSGIHandler()(environ, lambda status, headers: statuses.append(status))
+        body = WSGIHandler()(environ, start_response)
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)
