@@ -19,3 +19,8 @@ class EventPublishError(ValueError):
         super().__init__(f"cannot publish {event_type!r}{where}: {reason}")
         self.event_type = event_type
         self.field = field
+
+
+def dotted_path(parts: tuple[str | int, ...] | list[str | int]) -> str | None:
+    """`("address", "lines", 0)` -> `"address.lines.0"`: how errors name a field; None if empty."""
+    return ".".join(str(part) for part in parts) or None

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from web.outbox.errors import EventPublishError
+from web.outbox.errors import EventPublishError, dotted_path
 from web.outbox.registry import event_class_register
 
 _EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
@@ -87,12 +87,11 @@ def _context_error(cls: type[Event], exc: pydantic.ValidationError) -> EventPubl
     """EventPublishError for the first problem pydantic found, mentioning how many more."""
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return EventPublishError(
         f"context does not fit the schema: {first['msg']}{more}",
         event_type=cls.event_type,
-        field=field,
+        field=dotted_path(first["loc"]),
     )
 
 

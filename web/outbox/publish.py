@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -36,7 +36,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from uuid_utils.compat import uuid7
 
 from cdc_consumer.clickhouse import OUTBOX_COLUMNS
-from web.outbox.errors import EventPublishError
+from web.outbox.errors import EventPublishError, dotted_path
 from web.outbox.events import Event
 from web.outbox.registry import event_class_get
 
@@ -50,10 +50,9 @@ __all__ = [
 ]
 
 # What publish writes is exactly what the consumer builds event_log rows from.
-_COLUMNS = OUTBOX_COLUMNS
-_INSERT = f"INSERT INTO event_outbox ({', '.join(_COLUMNS)}) VALUES "
-_ROW_PLACEHOLDERS = f"({', '.join(['%s'] * len(_COLUMNS))})"
-_COPY = f"COPY event_outbox ({', '.join(_COLUMNS)}) FROM STDIN"
+_INSERT = f"INSERT INTO event_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES "
+_ROW_PLACEHOLDERS = f"({', '.join(['%s'] * len(OUTBOX_COLUMNS))})"
+_COPY = f"COPY event_outbox ({', '.join(OUTBOX_COLUMNS)}) FROM STDIN"
 # From about 10 events one COPY is as fast as a multi-row INSERT and soon twice as fast (the
 # INSERT's parameters are bound client-side into one ever longer statement); below it the
 # INSERT saves COPY's extra round trip. Measured in docs/benchmarks.md.
@@ -88,11 +87,6 @@ publish = event_publish
 publish_many = event_publish_many
 
 
-def event_type_of(event: object) -> str:
-    """The event type to name in an error, even for something that is not an Event."""
-    return str(getattr(event, "event_type", type(event).__name__))
-
-
 def _publish(events: Iterable[Event], *, using: str, op: str) -> list[uuid.UUID]:
     trace = sentry_sdk.get_current_span()
     # Read once per call, not per row: settings lookups add up in a 10,000-event list.
@@ -116,7 +110,7 @@ def _outbox_row(event: Event, environment: str, max_bytes: int, trace_id: str | 
     if not isinstance(event, Event) or event_class_get(*key) is not cls:
         raise EventPublishError(
             "not a registered event class: publish instances of an Event subclass",
-            event_type=event_type_of(event),
+            event_type=str(key[0] or cls.__name__),
         )
     text = event_context_serialize(event=event, max_bytes=max_bytes)
     return (
@@ -190,52 +184,53 @@ def event_context_serialize(*, event: Event, max_bytes: int) -> str:
     return text
 
 
-def _first_non_json(name: str, value: Any) -> tuple[str, str] | None:
+def _first_non_json(name: str, value: Any) -> tuple[str | None, str] | None:
     """The first value of an untyped field that is not already JSON (a set, bytes, an object).
 
     pydantic would convert these by guessing (a set becomes a list, bytes become text); in an
     audit log the schema, not a guess, should decide, so the field must declare its type.
     """
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((name,), value)]
-    while stack:
-        path, item = stack.pop()
+    for path, item in _nodes((name,), value):
         if isinstance(item, dict):
-            for key, nested in item.items():
+            for key in item:
                 if not isinstance(key, str):
-                    return _dotted(path), f"key {key!r} is not a string (JSON keys are)"
-                stack.append(((*path, key), nested))
-        elif isinstance(item, list | tuple):
-            stack.extend(((*path, index), nested) for index, nested in enumerate(item))
-        elif not isinstance(item, _JSON_SCALARS):
-            return _dotted(path), (
+                    return dotted_path(path), f"key {key!r} is not a string (JSON keys are)"
+        elif not isinstance(item, (list, tuple, *_JSON_SCALARS)):
+            return dotted_path(path), (
                 f"a {type(item).__name__} has no JSON form; declare the field's type on the "
                 "event so its schema says how to store it"
             )
     return None
 
 
-def _first_unstorable(document: Any) -> tuple[str, str] | None:
+def _first_unstorable(document: Any) -> tuple[str | None, str] | None:
     """The first value of a JSON-mode document that is not JSON or that jsonb refuses.
 
     JSON has no NaN or Infinity, and PostgreSQL rejects NUL in jsonb (an error inside the
-    caller's transaction). Iterative, so a deeply nested context cannot exhaust the stack.
+    caller's transaction).
     """
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
-    while stack:
-        path, value = stack.pop()
+    for path, value in _nodes((), document):
         if isinstance(value, dict):
-            for key, item in value.items():
+            for key in value:
                 if "\x00" in key:
-                    return _dotted((*path, key)), _NUL_REASON + " (in a key)"
-                stack.append(((*path, key), item))
-        elif isinstance(value, list):
-            stack.extend(((*path, index), item) for index, item in enumerate(value))
+                    return dotted_path((*path, key)), _NUL_REASON + " (in a key)"
         elif isinstance(value, float) and not math.isfinite(value):
-            return _dotted(path), f"{value} has no JSON form (JSON has no NaN or Infinity)"
+            return dotted_path(path), f"{value} has no JSON form (JSON has no NaN or Infinity)"
         elif isinstance(value, str) and "\x00" in value:
-            return _dotted(path), _NUL_REASON
+            return dotted_path(path), _NUL_REASON
     return None
 
 
-def _dotted(path: tuple[str | int, ...]) -> str:
-    return ".".join(str(part) for part in path)
+def _nodes(path: tuple[str | int, ...], value: Any) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """Every value nested in `value` with its path, a container before its items.
+
+    Iterative, so a deeply nested context cannot exhaust the stack.
+    """
+    stack = [(path, value)]
+    while stack:
+        path, value = stack.pop()
+        yield path, value
+        if isinstance(value, dict):
+            stack.extend(((*path, key), item) for key, item in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend(((*path, index), item) for index, item in enumerate(value))
