@@ -49,7 +49,9 @@ from uuid_utils.compat import uuid7
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cdc_consumer import migrations
-from cdc_consumer.clickhouse import EVENT_LOG_TABLE, OUTBOX_COLUMNS, ChdbTransport, connect
+from cdc_consumer.clickhouse import ChdbTransport, connect
+from cdc_consumer.event_log import EVENT_LOG_TABLE
+from cdc_consumer.outbox import OUTBOX_COLUMNS
 from demo.postgres import DisposablePostgres
 from tests.support.fix_clickhouse import start_test_server
 

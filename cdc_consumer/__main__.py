@@ -15,6 +15,7 @@ import psycopg
 import structlog
 
 from cdc_consumer import backfill, clickhouse, provisioning
+from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
 from cdc_consumer.pipeline import Pipeline, StopRequest
@@ -40,7 +41,7 @@ def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     stop = StopRequest()
     stop.install()
     transport = _migrate(settings)
-    sink = clickhouse.ClickHouseSink(transport, slot=settings.cdc_slot)
+    sink = ClickHouseSink(transport, source=settings.source)
     try:
         return Pipeline(settings, sink, stop).run()
     finally:

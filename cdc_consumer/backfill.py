@@ -25,17 +25,12 @@ from psycopg import sql
 
 from cdc_consumer import pgoutput, provisioning
 from cdc_consumer.batch import Batch
-from cdc_consumer.clickhouse import (
-    DEAD_LETTER_TABLE,
-    EVENT_LOG_TABLE,
-    OUTBOX_COLUMNS,
-    ClickHouseSink,
-    ClickHouseTransport,
-    EventLogEncoder,
-)
+from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
+from cdc_consumer.clickhouse_sink import LEGACY_SOURCE, ClickHouseSink
 from cdc_consumer.delivery import SinkWorker
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.pipeline import OUTBOX_TABLE
+from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, EventLogEncoder
+from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_TABLE
 from cdc_consumer.settings import ConsumerSettings
 from cdc_consumer.sink import ORIGIN
 
@@ -83,7 +78,7 @@ def backfill(
         log.info("replication slot recreated for backfill", slot=slot, lsn=created[1])
         # The exported snapshot lives until the replication connection runs another command
         # or closes, so everything is read inside this block.
-        result = _ship(url, str(created[2]), since, transport, slot)
+        result = _ship(url, str(created[2]), since, transport, settings)
     log.info("backfill done", **result.as_dict())
     return result
 
@@ -107,10 +102,19 @@ def _drop_lost_slot(conn: psycopg.Connection[Any], slot: str) -> None:
 
 
 def _ship(
-    url: str, snapshot: str, since: datetime, transport: ClickHouseTransport, slot: str
+    url: str,
+    snapshot: str,
+    since: datetime,
+    transport: ClickHouseTransport,
+    settings: ConsumerSettings,
 ) -> BackfillResult:
-    encoder = EventLogEncoder(_RELATION)
-    worker = SinkWorker(ClickHouseSink(transport, slot=slot), retry_cap_seconds=30.0)
+    source = settings.source
+    encoder = EventLogEncoder(_RELATION, source=source)
+    sink = ClickHouseSink(transport, source=source)
+    # A consumer run that lost the slot may still have an insert executing: let it end before
+    # the presence check reads what is there, or its rows would be shipped a second time.
+    sink.fence_earlier_runs()
+    worker = SinkWorker(sink, retry_cap_seconds=30.0)
     read = skipped = 0
     try:
         with psycopg.connect(url) as conn:
@@ -129,7 +133,7 @@ def _ship(
                 cursor.execute(query, (since,))
                 while rows := cursor.fetchmany(CHUNK_ROWS):
                     read += len(rows)
-                    present = _present(transport, [row[0] for row in rows])
+                    present = _present(transport, source, [row[0] for row in rows])
                     fresh = [row for row in rows if row[0] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
@@ -142,16 +146,24 @@ def _ship(
     if worker.fatal is not None:
         raise worker.fatal
     return BackfillResult(
-        slot=slot, since=since.isoformat(), read=read, skipped=skipped, shipped=read - skipped
+        slot=settings.cdc_slot,
+        since=since.isoformat(),
+        read=read,
+        skipped=skipped,
+        shipped=read - skipped,
     )
 
 
-def _present(transport: ClickHouseTransport, event_ids: list[str]) -> set[str]:
-    """The event ids of this chunk that ClickHouse already holds, delivered or dead-lettered."""
+def _present(transport: ClickHouseTransport, source: str, event_ids: list[str]) -> set[str]:
+    """The event ids of this chunk that ClickHouse already holds for this source, delivered or
+    dead-lettered."""
     quoted = ",".join(f"'{event_id}'" for event_id in event_ids)  # uuid text: no quotes inside
+    sources = f"source IN ({quote_string(source)}, {quote_string(LEGACY_SOURCE)})"
     rows = transport.select(
-        f"SELECT toString(event_id) FROM {EVENT_LOG_TABLE} WHERE event_id IN ({quoted})"
-        f" UNION ALL SELECT event_id FROM {DEAD_LETTER_TABLE} WHERE event_id IN ({quoted})"
+        f"SELECT toString(event_id) FROM {EVENT_LOG_TABLE}"
+        f" WHERE {sources} AND event_id IN ({quoted})"
+        f" UNION ALL SELECT event_id FROM {DEAD_LETTER_TABLE}"
+        f" WHERE {sources} AND event_id IN ({quoted})"
     )
     return {str(row[0]) for row in rows}
 

@@ -1,16 +1,17 @@
 """Accumulates encoded outbox rows into batches cut at transaction boundaries.
 
-A batch is cut when it reaches CDC_BATCH_MAX_ROWS or CDC_BATCH_MAX_BYTES at a commit, or when
-its oldest row is CDC_BATCH_MAX_SECONDS old. A transaction that alone reaches a limit is split
-(memory stays bounded at about two batches), but a batch only carries a confirm LSN for
-transactions it completes: the slot is never confirmed into the middle of a transaction, where
-a restart would lose events that share its commit LSN.
+No batch holds more than CDC_BATCH_MAX_ROWS rows or CDC_BATCH_MAX_BYTES bytes (a single row
+larger than the byte limit goes alone). A row that would overfill the batch first sends the
+committed part ahead; a transaction that alone would overfill it is split. A batch is also cut
+at a commit that fills it, or when its oldest row is CDC_BATCH_MAX_SECONDS old. A batch only
+carries a confirm LSN for transactions it completes: the slot is never confirmed into the
+middle of a transaction, where a restart would lose events that share its commit LSN.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Named defaults, the ones settings.py uses (ClickHouse: 10k-100k rows, ~1 insert/s).
@@ -27,6 +28,9 @@ class Batch:
     nbytes: int = 0
     confirm_lsn: int | None = None  # end LSN of the last transaction this batch completes
     commit_time: int | None = None  # that transaction's commit time, as pgoutput sends it
+
+
+_NONE: Sequence[Batch] = ()
 
 
 class BatchBuilder:
@@ -54,20 +58,29 @@ class BatchBuilder:
         """No rows and nothing to confirm."""
         return not self._batch.rows and self._batch.confirm_lsn is None
 
-    def add(self, row: bytes) -> Batch | None:
-        """Add a row of the open transaction; splits it if the batch is full."""
+    def add(self, row: bytes) -> Sequence[Batch]:
+        """Add a row of the open transaction; returns the batches it pushed out (usually
+        none): the committed part, then the open transaction's rows so far, as needed to keep
+        every batch within both limits."""
+        ready: Sequence[Batch] = _NONE
+        if self._overfills(len(row)):
+            cut = [self._cut(keep_open_rows=True)] if self._complete_rows else []
+            if self._overfills(len(row)):
+                # The open transaction alone fills a batch: split it. The cut carries the
+                # confirm LSN of committed rows only, never a position inside this one.
+                cut.append(self._cut(keep_open_rows=False))
+            ready = cut
         batch = self._batch
         if self._started_at is None:
             self._started_at = self._clock()
         batch.rows.append(row)
         batch.nbytes += len(row)
-        open_rows = len(batch.rows) - self._complete_rows
-        open_bytes = batch.nbytes - self._complete_bytes
-        if open_rows >= self._max_rows or open_bytes >= self._max_bytes:
-            # Only a transaction that alone fills a batch is split; otherwise the batch waits
-            # for the commit, so the buffer holds at most about two batches' worth.
-            return self._cut(keep_open_rows=False)
-        return None
+        return ready
+
+    def _overfills(self, size: int) -> bool:
+        """Would a row of `size` bytes take the (non-empty) batch past a limit?"""
+        rows = len(self._batch.rows)
+        return rows > 0 and (rows >= self._max_rows or self._batch.nbytes + size > self._max_bytes)
 
     def commit(self, end_lsn: int, commit_time: int | None = None) -> Batch | None:
         """Close the open transaction; returns a batch if a limit is reached."""

@@ -1,58 +1,32 @@
-"""ClickHouse: encode outbox rows once as JSONEachRow, ship them through one of two transports.
+"""ClickHouse transports: the same SQL, bytes and settings through one of two connections.
 
 - `HttpTransport`: clickhouse-connect over HTTP(S), for production (`CLICKHOUSE_URL=http://…`).
 - `ChdbTransport`: the same engine in process through chDB (`CLICKHOUSE_URL=chdb:///path`), for
   the embedded demo.
 Both send the same bytes with the same SQL and settings, so what the tests prove about one
-holds for the other.
+holds for the other. What to insert and with which guarantees is the sink's business
+(`clickhouse_sink.py`); this module only carries queries and classifies their failures.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from itertools import count
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.pgoutput import Relation
-from cdc_consumer.sink import ORIGIN, SourcePosition
 
-EVENT_LOG_TABLE = "event_log"
-# pgoutput sends timestamptz as text with a variable number of fractional digits and an offset
-# (`2026-11-25 07:49:31.12345+00`); ClickHouse parses it when told to make its best effort.
-# A NULL must fail the row rather than become an empty string or a zero: it is dead-lettered.
-INSERT_SETTINGS: dict[str, str] = {
-    "date_time_input_format": "best_effort",
-    "input_format_null_as_default": "0",
-}
-DEAD_LETTER_TABLE = "event_log_dead_letter"
 # ClickHouse error codes that mean "this data cannot go into this table", as opposed to the
 # server or the network failing: parsing, type and size errors.
 _DATA_ERROR_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 349, 376})
 _ERROR_CODE = re.compile(r"Code: (\d+)")
-_ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
-_ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
 # Integers come back as JSON numbers, so both transports return the same Python values.
 SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
-
-_MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
-# The outbox columns event_log is built from (the backfill reads them as text, too).
-OUTBOX_COLUMNS = (
-    "event_id",
-    "event_type",
-    "event_date_time",
-    "environment",
-    "event_context",
-    "metadata_version",
-    "trace_id",  # NULL when the publisher was not traced: written as ''
-)
 
 
 class ClickHouseTransport(Protocol):
@@ -60,9 +34,11 @@ class ClickHouseTransport(Protocol):
 
     def command(self, sql: str) -> None: ...
 
-    def select(self, sql: str) -> list[list[Any]]: ...
+    def select(self, sql: str, settings: Mapping[str, str] | None = None) -> list[list[Any]]: ...
 
-    def insert(self, table: str, body: bytes, query_id: str) -> None: ...
+    def insert(
+        self, table: str, body: bytes, *, query_id: str, settings: Mapping[str, str]
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -79,17 +55,21 @@ class HttpTransport:
         with _sink_errors():
             self._client.command(sql)
 
-    def select(self, sql: str) -> list[list[Any]]:
+    def select(self, sql: str, settings: Mapping[str, str] | None = None) -> list[list[Any]]:
         with _sink_errors():
-            raw = self._client.raw_query(sql, settings=SELECT_SETTINGS, fmt="JSONCompact")
+            raw = self._client.raw_query(
+                sql, settings={**SELECT_SETTINGS, **(settings or {})}, fmt="JSONCompact"
+            )
         return list(orjson.loads(raw)["data"])
 
-    def insert(self, table: str, body: bytes, query_id: str) -> None:
+    def insert(
+        self, table: str, body: bytes, *, query_id: str, settings: Mapping[str, str]
+    ) -> None:
         with _sink_errors():
             self._client.raw_insert(
                 table,
                 insert_block=body,
-                settings={**INSERT_SETTINGS, "query_id": query_id},
+                settings={**settings, "query_id": query_id},
                 fmt="JSONEachRow",
             )
 
@@ -117,27 +97,33 @@ class ChdbTransport:
     def command(self, sql: str) -> None:
         self._query(sql)
 
-    def select(self, sql: str) -> list[list[Any]]:
-        raw = self._query(f"{sql} SETTINGS {_settings_clause(SELECT_SETTINGS)}", "JSONCompact")
+    def select(self, sql: str, settings: Mapping[str, str] | None = None) -> list[list[Any]]:
+        clause = _settings_clause({**SELECT_SETTINGS, **(settings or {})})
+        raw = self._query(f"{sql} SETTINGS {clause}", "JSONCompact")
         return list(orjson.loads(raw)["data"]) if raw else []
 
-    def insert(self, table: str, body: bytes, query_id: str) -> None:
+    def insert(
+        self, table: str, body: bytes, *, query_id: str, settings: Mapping[str, str]
+    ) -> None:
         # No query_id: an insert runs inside this process and cannot outlive it, so there is
         # never an earlier run's insert to find (see ClickHouseSink.fence_earlier_runs).
         del query_id
         # Inline data is safe here: chDB ends it at a blank line, and encoded rows are one line
         # each (JSON escapes every newline inside them), joined by single newlines.
-        head = (
-            f"INSERT INTO {table} SETTINGS {_settings_clause(INSERT_SETTINGS)} FORMAT JSONEachRow\n"
-        )
+        head = f"INSERT INTO {table} SETTINGS {_settings_clause(settings)} FORMAT JSONEachRow\n"
         self._query(head + body.decode())
 
     def close(self) -> None:
         self._session.close()  # type: ignore[no-untyped-call]
 
 
-def _settings_clause(settings: dict[str, str]) -> str:
-    return ", ".join(f"{key} = '{value}'" for key, value in settings.items())
+def _settings_clause(settings: Mapping[str, str]) -> str:
+    return ", ".join(f"{key} = {quote_string(value)}" for key, value in settings.items())
+
+
+def quote_string(value: str) -> str:
+    """A ClickHouse string literal (for names and identifiers we hold, never event data)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 @contextmanager
@@ -175,146 +161,3 @@ def connect(url: str) -> ClickHouseTransport:
         database = parse_qs(parts.query).get("database", ["default"])[0]
         return ChdbTransport(parts.path, database)
     return HttpTransport(url)
-
-
-class EventLogEncoder:
-    """Turns decoded event_outbox inserts into JSONEachRow lines for `event_log`.
-
-    Built from the Relation message, so columns are found by name and a column added to the
-    outbox later does not shift anything. The jsonb context is spliced in as PostgreSQL sent it
-    (it is valid JSON by construction) and also kept verbatim in `event_context_raw`.
-    """
-
-    def __init__(self, relation: Relation) -> None:
-        names = [column.name for column in relation.columns]
-        missing = [name for name in OUTBOX_COLUMNS if name not in names]
-        if missing:
-            raise PipelineError(
-                ErrorKind.CONFIGURATION,
-                f"event_outbox lacks columns {missing}",
-                hint="run `python -m cdc_consumer migrate` against this database",
-            )
-        self._index = tuple(names.index(name) for name in OUTBOX_COLUMNS)
-        self._strings: dict[bytes, bytes] = {}
-
-    def _json_string(self, text: bytes) -> bytes:
-        """JSON string for a low-cardinality text value (event type, environment), memoised."""
-        quoted = self._strings.get(text)
-        if quoted is None:
-            quoted = orjson.dumps(text.decode())
-            if len(self._strings) < _MEMO_LIMIT:
-                self._strings[text] = quoted
-        return quoted
-
-    def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
-        event_id, event_type, date_time, environment, context, version, trace_id = (
-            values[i] for i in self._index
-        )
-        if not (
-            isinstance(event_id, bytes)
-            and isinstance(event_type, bytes)
-            and isinstance(date_time, bytes)
-            and isinstance(environment, bytes)
-            and isinstance(context, bytes)
-            and isinstance(version, bytes)
-        ):
-            # Cannot happen with the outbox's NOT NULL, insert-only contract; if it does, the
-            # row is written with JSON nulls, ClickHouse refuses it, and it is dead-lettered.
-            return _row_with_nulls(values, self._index, position)
-        # uuid, timestamptz and bigint text is plain ASCII without quotes or backslashes, so it
-        # is spliced as is; only the free-text columns need JSON string escaping.
-        return b"".join(
-            (
-                b'{"event_id":"',
-                event_id,
-                b'","event_type":',
-                self._json_string(event_type),
-                b',"event_date_time":"',
-                date_time,
-                b'","environment":',
-                self._json_string(environment),
-                b',"event_context":',
-                context,
-                b',"event_context_raw":',
-                orjson.dumps(context.decode()),
-                b',"metadata_version":',
-                version,
-                b',"trace_id":',
-                orjson.dumps(trace_id.decode()) if isinstance(trace_id, bytes) else b'""',
-                b',"source_lsn":%d,"source_seq":%d}' % position,
-            )
-        )
-
-
-def _dead_letter(row: bytes, error: str) -> bytes:
-    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves)."""
-    position = _ROW_POSITION.search(row)
-    event_id = _ROW_EVENT_ID.match(row)
-    return orjson.dumps(
-        {
-            "source_lsn": int(position.group(1)) if position else 0,
-            "source_seq": int(position.group(2)) if position else 0,
-            "event_id": orjson.loads(event_id.group(1)) or "" if event_id else "",
-            "row": row.decode(errors="replace"),
-            "error": error,
-        }
-    )
-
-
-def _row_with_nulls(
-    values: Sequence[object], index: tuple[int, ...], position: SourcePosition
-) -> bytes:
-    row: dict[str, object] = {}
-    for name, i in zip(OUTBOX_COLUMNS, index, strict=True):
-        value = values[i]
-        row[name] = value.decode(errors="replace") if isinstance(value, bytes) else None
-    row["source_lsn"], row["source_seq"] = position
-    return orjson.dumps(row)
-
-
-class ClickHouseSink:
-    """`EventSink` over a transport: one INSERT per batch into event_log.
-
-    Every insert carries the query id `cdc-<slot>-<run>-<n>`: the slot names the consumer (one
-    slot, one consumer at a time), the run is this process. That is what lets a new run find
-    inserts an earlier, killed run left executing on the server.
-    """
-
-    def __init__(self, transport: ClickHouseTransport, *, slot: str) -> None:
-        self._transport = transport
-        self._slot_prefix = f"cdc-{slot}-"
-        self._run_prefix = f"{self._slot_prefix}{uuid.uuid4().hex}-"
-        self._inserts = count(1)
-
-    def _insert(self, table: str, body: bytes) -> None:
-        self._transport.insert(table, body, f"{self._run_prefix}{next(self._inserts)}")
-
-    def write(self, rows: list[bytes]) -> None:
-        self._insert(EVENT_LOG_TABLE, b"\n".join(rows))
-
-    def write_dead_letters(self, rows: list[bytes], error: str) -> None:
-        self._insert(DEAD_LETTER_TABLE, b"\n".join(_dead_letter(row, error) for row in rows))
-
-    def fence_earlier_runs(self) -> None:
-        # A ClickHouse server finishes an insert whose client died once it has the whole body.
-        # If a killed run's insert were still executing, the watermark read next would miss
-        # rows that land a moment later, and the replay would send them again in a batch cut
-        # differently, which insert deduplication does not recognise. KILL ... SYNC cancels
-        # such inserts, or waits for them to finish, before it returns. A single-block insert
-        # is atomic, so afterwards each one is either wholly in the table or not at all.
-        self._transport.command(
-            f"KILL QUERY WHERE startsWith(query_id, '{self._slot_prefix}')"
-            f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"
-        )
-
-    def high_watermark(self) -> SourcePosition:
-        rows = self._transport.select(
-            "SELECT source_lsn, source_seq FROM ("
-            f" SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE}"
-            f" UNION ALL SELECT source_lsn, source_seq FROM {DEAD_LETTER_TABLE})"
-            " ORDER BY source_lsn DESC, source_seq DESC LIMIT 1"
-        )
-        return SourcePosition(int(rows[0][0]), int(rows[0][1])) if rows else ORIGIN
-
-    def close(self) -> None:
-        self._transport.close()

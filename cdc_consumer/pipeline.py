@@ -2,8 +2,9 @@
 
 Delivery rule: the flush LSN sent to PostgreSQL is only ever a commit end LSN whose batch the
 sink worker reported durable (or, with nothing buffered anywhere, a keepalive's WAL end). A crash
-anywhere replays from the last confirmed position; rows at or below the sink's high watermark
-are skipped on the way back in, so the replay doubles nothing.
+anywhere replays from the last confirmed position; the positions the sink already holds above
+it are read once the slot is ours and skipped exactly on the way back in, so the replay doubles
+nothing and drops nothing, whatever part of an earlier insert landed.
 """
 
 from __future__ import annotations
@@ -11,24 +12,34 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TypeVar
 
 import structlog
 
 from cdc_consumer import pgoutput
 from cdc_consumer.batch import Batch, BatchBuilder
-from cdc_consumer.clickhouse import EventLogEncoder
 from cdc_consumer.delivery import SinkWorker, backoff_delay
-from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
+from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.event_log import EventLogEncoder
+from cdc_consumer.outbox import OUTBOX_TABLE
 from cdc_consumer.progress import ProgressRecorder, commit_time_from_pgoutput
 from cdc_consumer.replication import Keepalive, ReplicationStream
 from cdc_consumer.settings import ConsumerSettings
-from cdc_consumer.sink import EventSink, SourcePosition
+from cdc_consumer.sink import (
+    EventSink,
+    SeqRanges,
+    SourceIdentity,
+    SourcePosition,
+    StoredPositions,
+    covers,
+)
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
-OUTBOX_TABLE = "event_outbox"
 _POLL_SECONDS = 0.2  # upper bound on how long a stop request or a due batch waits
 # Messages handled between two rounds of bookkeeping (status, age cut, worker health): at
 # ~100k messages/s a burst is ~20 ms, far inside every timer it could delay.
@@ -69,6 +80,7 @@ class _Transaction:
     commit_lsn: int = 0
     next_seq: int = 0
     open: bool = False
+    stored: SeqRanges | None = None  # seqs of this transaction the sink already holds
 
 
 @dataclass
@@ -76,23 +88,9 @@ class _Session:
     """State of one replication connection; discarded and rebuilt on reconnect."""
 
     stream: ReplicationStream
-    watermark: SourcePosition
+    stored: StoredPositions
     tx: _Transaction = field(default_factory=_Transaction)
     encoders: dict[int, EventLogEncoder | None] = field(default_factory=dict)
-
-
-def _refuse_foreign_watermark(watermark: SourcePosition, server_lsn: int) -> None:
-    """Positions are only comparable within one PostgreSQL WAL history. A watermark ahead of the
-    server means event_log was filled from another server, and skipping up to it would drop
-    this server's events silently."""
-    if watermark.lsn > server_lsn:
-        raise PipelineError(
-            ErrorKind.CONFIGURATION,
-            f"event_log holds source position {pgoutput.lsn_to_str(watermark.lsn)}, ahead of"
-            f" this server's WAL at {pgoutput.lsn_to_str(server_lsn)}",
-            hint="event_log was filled from another PostgreSQL; point CLICKHOUSE_URL at this"
-            " source's own database",
-        )
 
 
 class Pipeline:
@@ -147,26 +145,55 @@ class Pipeline:
             self._settings.cdc_publication,
         )
         try:
-            # Every position in ClickHouse was written before this connection: the server's
-            # position now bounds them (and the stream takes no SQL once it is started).
-            server_lsn = stream.server_wal_lsn()
+            identity = stream.identify()  # the stream takes no SQL once it is started
             # START_REPLICATION makes the slot ours, so no other run of this consumer is alive;
-            # only then are its leftover inserts fenced off and the watermark read.
-            stream.start()
-            self._sink.fence_earlier_runs()
-            watermark = self._sink.high_watermark()
-            _refuse_foreign_watermark(watermark, server_lsn)
-            session = _Session(stream, watermark)
+            # only then are its leftover inserts fenced off and what is stored read.
+            slot = stream.start()
+            stored = self._while_answering(
+                stream, lambda: self._restart_read(identity, slot.confirmed_flush_lsn)
+            )
+            session = _Session(stream, stored)
             log.info(
                 "streaming",
                 slot=self._settings.cdc_slot,
-                watermark_lsn=pgoutput.lsn_to_str(watermark.lsn),
-                watermark_seq=watermark.seq,
+                source=self._settings.source,
+                confirmed_lsn=pgoutput.lsn_to_str(slot.confirmed_flush_lsn),
+                stored_transactions=stored.transactions,
+                stored_rows=stored.rows,
             )
             self._loop(session)
             self._shutdown(session)
         finally:
             stream.close()
+
+    def _restart_read(self, identity: SourceIdentity, confirmed_lsn: int) -> StoredPositions:
+        self._sink.fence_earlier_runs()
+        self._sink.check_source(identity)
+        return self._sink.stored_positions(confirmed_lsn)
+
+    def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T:
+        """Run `work` on a helper thread while this one keeps the walsender answered: the fence
+        and the restart read can outlast wal_sender_timeout on a large or busy ClickHouse."""
+        result: list[_T] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(work())
+            except BaseException as exc:  # re-raised on the calling thread
+                failure.append(exc)
+
+        helper = threading.Thread(target=run, name="restart-read", daemon=True)
+        helper.start()
+        interval = self._settings.cdc_status_interval_seconds
+        while True:
+            helper.join(timeout=interval)
+            if not helper.is_alive():
+                break
+            stream.send_status(flush=stream.confirmed)
+        if failure:
+            raise failure[0]
+        return result[0]
 
     def _loop(self, s: _Session) -> None:
         interval = self._settings.cdc_status_interval_seconds
@@ -196,15 +223,16 @@ class Pipeline:
             encoder = s.encoders.get(message.relation_id)
             if encoder is None:
                 return  # another table in the publication: not ours to ship
-            position = SourcePosition(s.tx.commit_lsn, s.tx.next_seq)
+            seq = s.tx.next_seq
             s.tx.next_seq += 1
-            if position <= s.watermark:
-                return  # already in ClickHouse before a crash; the slot replayed it
-            batch = self._builder.add(encoder.encode(message.new, position))
-            if batch is not None:
-                self._submit(s, batch)
+            if s.tx.stored is not None and covers(s.tx.stored, seq):
+                return  # already in ClickHouse before a restart; the slot replayed it
+            row = encoder.encode(message.new, SourcePosition(s.tx.commit_lsn, seq))
+            for ready in self._builder.add(row):
+                self._submit(s, ready)
         elif isinstance(message, pgoutput.Begin):
-            s.tx = _Transaction(commit_lsn=message.final_lsn, open=True)
+            stored = s.stored.in_transaction(message.final_lsn)
+            s.tx = _Transaction(commit_lsn=message.final_lsn, open=True, stored=stored)
         elif isinstance(message, pgoutput.Commit):
             s.tx.open = False
             batch = self._builder.commit(message.end_lsn, message.commit_time)
@@ -213,7 +241,9 @@ class Pipeline:
         elif isinstance(message, pgoutput.Relation):
             # Re-sent after every schema change: rebuild so columns are found by name again.
             ours = message.name == OUTBOX_TABLE
-            s.encoders[message.relation_id] = EventLogEncoder(message) if ours else None
+            s.encoders[message.relation_id] = (
+                EventLogEncoder(message, source=self._settings.source) if ours else None
+            )
 
     def _submit(self, s: _Session, batch: Batch) -> None:
         """Hand a batch to the sink worker, keeping the walsender answered while it is busy."""

@@ -16,7 +16,7 @@ import structlog
 from cdc_consumer import migrations
 from cdc_consumer.clickhouse import ClickHouseTransport
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.pipeline import OUTBOX_TABLE
+from cdc_consumer.outbox import OUTBOX_TABLE
 from cdc_consumer.settings import ConsumerSettings
 
 log = structlog.get_logger(__name__)

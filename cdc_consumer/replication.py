@@ -32,6 +32,7 @@ import structlog
 
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.pgoutput import lsn_to_str, str_to_lsn
+from cdc_consumer.sink import SourceIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -116,11 +117,12 @@ class ReplicationStream:
             )
         return SlotState(str_to_lsn(str(row[0])), row[1])
 
-    def server_wal_lsn(self) -> int:
-        """The server's current WAL flush position (IDENTIFY_SYSTEM's xlogpos)."""
+    def identify(self) -> SourceIdentity:
+        """Which PostgreSQL this is: IDENTIFY_SYSTEM's system identifier and database."""
         with _source_errors("identify the system"):
             row = self._conn.execute("IDENTIFY_SYSTEM").fetchone()
-        return str_to_lsn(str(row[2])) if row else 0
+        assert row is not None  # the command always answers one row
+        return SourceIdentity(system_identifier=str(row[0]), database=str(row[3]))
 
     def start(self) -> SlotState:
         """START_REPLICATION from the slot's confirmed position; names who holds it if busy."""

@@ -84,14 +84,26 @@ class ConsumerSettings(SlotCheckSettings):
     log_format: Literal["json", "console"] = "json"
 
     cdc_publication: Identifier = "event_outbox_pub"
+    # The name this consumer's rows carry in event_log; it scopes the restart read, the fence
+    # and the backfill. Defaults to the slot's name. Two PostgreSQL servers writing one
+    # event_log need distinct names (a clash is refused at startup, never merged).
+    cdc_source: Identifier | None = None
     # ClickHouse guidance: >= 1,000 rows per insert, ideally 10k-100k, about one insert a second.
+    # The row bound stays under the block size the sink pins (clickhouse_sink.INSERT_SETTINGS),
+    # so a batch is one block per partition; no batch exceeds either limit (one row larger
+    # than the byte limit goes alone).
     cdc_batch_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
-    cdc_batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    cdc_batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     cdc_batch_max_seconds: float = Field(default=1.0, gt=0, le=600)
     # Must stay well inside the server's wal_sender_timeout (60 s in postgres.conf).
     cdc_status_interval_seconds: float = Field(default=10.0, gt=0, le=300)
     cdc_retry_max_seconds: float = Field(default=30.0, gt=0)
     cdc_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+
+    @property
+    def source(self) -> str:
+        """CDC_SOURCE, or the slot's name when it is not set."""
+        return self.cdc_source or self.cdc_slot
 
 
 def load_settings() -> ConsumerSettings:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 
@@ -14,20 +16,63 @@ class SourcePosition(NamedTuple):
 
 ORIGIN = SourcePosition(0, 0)
 
+SeqRanges = Sequence[tuple[int, int]]  # inclusive (first, last) runs of source_seq
+
+
+@dataclass(frozen=True, slots=True)
+class SourceIdentity:
+    """The PostgreSQL a source's positions belong to: they compare only within its WAL."""
+
+    system_identifier: str
+    database: str
+
+
+class StoredPositions:
+    """The positions of one source that the sink already holds at or above `since_lsn`.
+
+    The slot replays exactly the transactions whose commit LSN is at or above its confirmed
+    position, so these are the only stored positions a replay can meet. Skipping exactly them,
+    rather than everything below a maximum, stays right whatever subset of earlier inserts
+    landed: an insert that became several parts (one per partition) may have landed in part.
+    """
+
+    def __init__(self, since_lsn: int, ranges: Mapping[int, SeqRanges]) -> None:
+        self.since_lsn = since_lsn
+        self._ranges = dict(ranges)
+
+    def in_transaction(self, commit_lsn: int) -> SeqRanges | None:
+        """The stored seq runs of the transaction that commits at `commit_lsn`, if any."""
+        return self._ranges.get(commit_lsn)
+
+    @property
+    def transactions(self) -> int:
+        return len(self._ranges)
+
+    @property
+    def rows(self) -> int:
+        return sum(last - first + 1 for runs in self._ranges.values() for first, last in runs)
+
+
+def covers(ranges: SeqRanges, seq: int) -> bool:
+    """True if `seq` lies in one of the runs (there are few: usually one per transaction)."""
+    return any(first <= seq <= last for first, last in ranges)
+
 
 class EventSink(Protocol):
-    """A destination for encoded outbox events.
+    """A destination for encoded outbox events of one source.
 
     Delivery contract: the pipeline calls `write` with batches in source order and confirms the
     source position only after `write` returned. `write` either makes every row of the batch
     durable or raises; it is called again with the same batch after a failure (at-least-once),
-    so a sink must tolerate a batch it has already stored. A batch the destination rejects for
-    its content raises a POISON_EVENT error; the pipeline then splits it until the bad rows are
-    alone and hands each to `write_dead_letters`, in source order. `high_watermark` returns the
-    highest source position stored in either place, which the pipeline skips up to after a
-    restart (exactly-once). `fence_earlier_runs` returns once no write of an earlier run of
-    this consumer (a killed process) can still land; it is called after the slot is ours and
-    before `high_watermark`.
+    so a sink must tolerate a batch it has already stored, wholly or in part. A batch the
+    destination rejects for its content raises a POISON_EVENT error; the pipeline then splits
+    it until the bad rows are alone and hands each to `write_dead_letters`, in source order.
+
+    On every (re)start, once the slot is ours: `fence_earlier_runs` returns once no write of an
+    earlier run of this source (a killed process) can still land; `check_source` refuses a
+    source whose stored rows came from another PostgreSQL; `stored_positions` returns what the
+    sink holds, in either table, at or above the slot's confirmed position, which the pipeline
+    skips on the way back in (exactly-once).
     """
 
     def write(self, rows: list[bytes]) -> None: ...
@@ -36,6 +81,8 @@ class EventSink(Protocol):
 
     def fence_earlier_runs(self) -> None: ...
 
-    def high_watermark(self) -> SourcePosition: ...
+    def check_source(self, identity: SourceIdentity) -> None: ...
+
+    def stored_positions(self, since_lsn: int) -> StoredPositions: ...
 
     def close(self) -> None: ...

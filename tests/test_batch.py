@@ -1,8 +1,12 @@
-"""Batches are cut by rows, bytes and age, and confirm only whole transactions."""
+"""Batches are cut by rows, bytes and age, stay within both limits, and confirm only whole
+transactions."""
 
 from __future__ import annotations
 
-from cdc_consumer.batch import BatchBuilder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdc_consumer.batch import Batch, BatchBuilder
 
 
 class Clock:
@@ -19,9 +23,9 @@ def test_cut_by_rows_at_commit():
     """Reaching the row limit at a commit cuts a batch that confirms that commit."""
     builder = BatchBuilder(max_rows=3, max_bytes=10_000, max_seconds=60)
     for row in (b"a", b"b"):
-        assert builder.add(row) is None
+        assert not builder.add(row)
     assert builder.commit(10) is None
-    assert builder.add(b"c") is None
+    assert not builder.add(b"c")
     batch = builder.commit(20)
     assert batch is not None
     assert batch.rows == [b"a", b"b", b"c"]
@@ -29,26 +33,30 @@ def test_cut_by_rows_at_commit():
     assert builder.is_empty
 
 
-def test_open_transaction_below_limit_waits_for_its_commit():
-    """A batch over the limit mid-transaction waits for the commit, then confirms it whole."""
+def test_row_that_would_overfill_sends_the_committed_part_ahead():
+    """A row past the limit mid-transaction ships the committed rows first; the open
+    transaction stays whole for its own commit, and no batch goes over the limit."""
     builder = BatchBuilder(max_rows=3, max_bytes=10_000, max_seconds=60)
     builder.add(b"a")
     builder.add(b"b")
     builder.commit(10)
-    assert builder.add(b"open-1") is None
-    assert builder.add(b"open-2") is None
-    batch = builder.commit(30)
+    assert not builder.add(b"open-1")
+    (ahead,) = builder.add(b"open-2")
+    assert ahead.rows == [b"a", b"b"]
+    assert ahead.confirm_lsn == 10
+    assert builder.commit(30) is None
+    batch = builder.drain_committed()
     assert batch is not None
-    assert batch.rows == [b"a", b"b", b"open-1", b"open-2"]
+    assert batch.rows == [b"open-1", b"open-2"]
     assert batch.confirm_lsn == 30
 
 
 def test_cut_by_bytes():
     """Reaching the byte budget at a commit cuts a batch."""
     builder = BatchBuilder(max_rows=1000, max_bytes=10, max_seconds=60)
-    assert builder.add(b"12345") is None
+    assert not builder.add(b"12345")
     assert builder.commit(7) is None
-    assert builder.add(b"67890") is None
+    assert not builder.add(b"67890")
     batch = builder.commit(9)
     assert batch is not None
     assert batch.nbytes == 10
@@ -60,14 +68,72 @@ def test_big_transaction_is_split_without_confirming_its_middle():
     builder = BatchBuilder(max_rows=2, max_bytes=10_000, max_seconds=60)
     builder.add(b"x")
     builder.commit(5)
-    assert builder.add(b"big-1") is None
-    first = builder.add(b"big-2")
-    assert first is not None
-    assert first.rows == [b"x", b"big-1", b"big-2"]
-    assert first.confirm_lsn == 5  # the earlier commit, never the middle of the open one
-    assert builder.add(b"big-3") is None
+    assert not builder.add(b"big-1")
+    (committed,) = builder.add(b"big-2")
+    assert committed.rows == [b"x"]
+    assert committed.confirm_lsn == 5
+    (middle,) = builder.add(b"big-3")
+    assert middle.rows == [b"big-1", b"big-2"]
+    assert middle.confirm_lsn is None  # never the middle of the open transaction
     assert builder.commit(99) is None
     assert not builder.is_empty  # big-3, confirming 99 once shipped
+
+
+def test_one_row_larger_than_the_byte_limit_goes_alone():
+    """A row bigger than the byte budget cannot be split: it is a batch of its own."""
+    builder = BatchBuilder(max_rows=100, max_bytes=10, max_seconds=60)
+    builder.add(b"small")
+    builder.commit(1)
+    (ahead,) = builder.add(b"x" * 50)
+    assert ahead.rows == [b"small"]
+    (alone,) = builder.add(b"next")
+    assert alone.rows == [b"x" * 50]
+    assert alone.confirm_lsn is None
+
+
+_STEPS = st.lists(
+    st.one_of(st.integers(min_value=1, max_value=40), st.just("commit")), max_size=200
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=_STEPS,
+    max_rows=st.integers(min_value=1, max_value=8),
+    max_bytes=st.integers(min_value=1, max_value=80),
+)
+def test_every_batch_keeps_both_limits_and_confirms_only_whole_transactions(
+    steps, max_rows, max_bytes
+):
+    """For any stream of rows and commits: no batch passes a limit (bar a lone oversized row),
+    rows come out in order, and a batch confirms a commit only once every row of that
+    transaction has been cut into this or an earlier batch."""
+    builder = BatchBuilder(max_rows=max_rows, max_bytes=max_bytes, max_seconds=60)
+    batches: list[Batch] = []
+    sent: list[bytes] = []
+    commit_after_row: dict[int, int] = {}  # end LSN -> rows the stream held at that commit
+    for n, step in enumerate(steps):
+        if step == "commit":
+            commit_after_row[n + 1] = len(sent)
+            cut = builder.commit(n + 1)
+            batches.extend([cut] if cut is not None else [])
+        else:
+            row = str(n).encode().ljust(step, b".")
+            sent.append(row)
+            batches.extend(builder.add(row))
+    last = builder.drain_committed()
+    batches.extend([last] if last is not None else [])
+    shipped = 0
+    for batch in batches:
+        assert len(batch.rows) <= max_rows
+        assert batch.nbytes <= max_bytes or len(batch.rows) == 1
+        assert batch.nbytes == sum(len(row) for row in batch.rows)
+        shipped += len(batch.rows)
+        if batch.confirm_lsn is not None:
+            assert commit_after_row[batch.confirm_lsn] <= shipped
+    assert [row for batch in batches for row in batch.rows] == sent[:shipped]
+    if commit_after_row:
+        assert shipped >= max(commit_after_row.values())
 
 
 def test_due_by_age_ships_only_committed_rows():

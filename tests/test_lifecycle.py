@@ -46,7 +46,7 @@ def test_busy_slot_is_named_and_waited_for(make_consumer, clickhouse_server, pg_
         CDC_PUBLICATION=first.env["CDC_PUBLICATION"],
         CDC_RETRY_MAX_SECONDS="0.5",
     )
-    second.start()
+    second.start(streaming=False)
     wait_for(
         lambda: any(
             f"is active for PID {holder}" in e.get("error", "") for e in second.log_events()

@@ -75,14 +75,27 @@ class Consumer:
         result = self.cli("migrate")
         assert result.returncode == 0, result.stderr
 
-    def start(self) -> None:
+    def start(self, *, streaming: bool = True) -> None:
+        """Start `run`; return once it streams (its restart read done), or, with
+        `streaming=False`, once it holds the slot."""
         assert self.process is None or self.process.poll() is not None, "already running"
+        streamed_before = self._count("streaming")
         self._log_file = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "cdc_consumer", "run"], env=self.env, stderr=self._log_file
         )
-        wait_for(lambda: self.slot_active() or self.process.poll() is not None, what="slot active")  # type: ignore[union-attr]
-        assert self.process.poll() is None, self.log_text()
+        self.process = process
+
+        def ready() -> bool:
+            if streaming:
+                return self._count("streaming") > streamed_before
+            return self.slot_active()
+
+        wait_for(lambda: ready() or process.poll() is not None, what="consumer started")
+        assert process.poll() is None, self.log_text()
+
+    def _count(self, event: str) -> int:
+        return sum(1 for e in self.log_events() if e.get("event") == event)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.process is not None

@@ -35,7 +35,7 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from uuid_utils.compat import uuid7
 
-from cdc_consumer.clickhouse import OUTBOX_COLUMNS
+from cdc_consumer.outbox import OUTBOX_COLUMNS
 from web.outbox.errors import EventPublishError, dotted_path
 from web.outbox.events import Event
 from web.outbox.registry import event_class_get

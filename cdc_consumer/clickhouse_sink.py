@@ -1,0 +1,167 @@
+"""`EventSink` over a ClickHouse transport: one INSERT per batch into event_log, and the
+restart read that makes a replay exactly-once (docs/adr/0002-exactly-once-in-clickhouse.md).
+"""
+
+from __future__ import annotations
+
+import uuid
+from itertools import count
+
+from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
+from cdc_consumer.errors import ErrorKind, PipelineError
+from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, dead_letter_record
+from cdc_consumer.sink import SeqRanges, SourceIdentity, StoredPositions
+
+SOURCES_TABLE = "cdc_sources"
+# Rows written before event_log recorded its source (sql/clickhouse/0004) carry ''. They can
+# only be this deployment's own, so the restart read counts them as this source's.
+LEGACY_SOURCE = ""
+
+# What the exactly-once rule relies on, pinned whatever the server's user profile says:
+# - a synchronous insert that is durable when it returns (an async one is not, unless waited);
+# - the table's insert deduplication, so a retry of a batch that did land adds nothing;
+# - one block per partition: the parser and the squashing step merge the whole batch (at most
+#   CDC_BATCH_MAX_ROWS, under 1,048,576 rows) into one block, whatever the profile's minimums,
+#   so a retry is cut into the same blocks and deduplicates block by block. A batch spanning
+#   two months is still two parts committed apart: the restart read does not assume a prefix.
+# - pgoutput sends timestamptz with a variable number of fractional digits and an offset
+#   (`2026-11-25 07:49:31.12345+00`); ClickHouse parses it when told to make its best effort.
+# - a NULL must fail the row rather than become an empty string or a zero: it is dead-lettered.
+INSERT_SETTINGS: dict[str, str] = {
+    "async_insert": "0",
+    "insert_deduplicate": "1",
+    "max_insert_block_size": "1048576",
+    "min_insert_block_size_rows": "1048576",
+    "min_insert_block_size_bytes": "0",
+    "date_time_input_format": "best_effort",
+    "input_format_null_as_default": "0",
+}
+# The same guarantees under names newer servers added (26.x: `deduplicate_insert` supersedes
+# `insert_deduplicate`); sent only to a server that knows them, as older ones refuse them.
+NEWER_INSERT_SETTINGS: dict[str, str] = {
+    "deduplicate_insert": "enable",
+    "use_strict_insert_block_limits": "0",
+    "max_insert_block_size_bytes": "0",
+}
+# A profile limit must fail the restart read, never cut it short: a truncated read would
+# under-count what is stored, and the replay would write those rows a second time.
+RESTART_READ_SETTINGS: dict[str, str] = {
+    "read_overflow_mode": "throw",
+    "read_overflow_mode_leaf": "throw",
+    "result_overflow_mode": "throw",
+    "group_by_overflow_mode": "throw",
+    "sort_overflow_mode": "throw",
+    "distinct_overflow_mode": "throw",
+    "set_overflow_mode": "throw",
+    "join_overflow_mode": "throw",
+    "transfer_overflow_mode": "throw",
+    "timeout_overflow_mode": "throw",
+    "timeout_overflow_mode_leaf": "throw",
+}
+
+
+class ClickHouseSink:
+    """`EventSink` for one source (a slot of one PostgreSQL), over a transport.
+
+    Every insert carries the query id `cdc-<source>-<run>-<n>`: the source names the consumer
+    (one slot, one consumer at a time), the run is this process. That is what lets a new run
+    find inserts an earlier, killed run left executing on the server. Source names are
+    identifiers (no `-`), so one source's prefix never matches another's ids.
+    """
+
+    def __init__(self, transport: ClickHouseTransport, *, source: str) -> None:
+        self._transport = transport
+        self._source = source
+        self._source_literal = quote_string(source)
+        self._source_prefix = f"cdc-{source}-"
+        self._run_prefix = f"{self._source_prefix}{uuid.uuid4().hex}-"
+        self._inserts = count(1)
+        self._insert_settings: dict[str, str] | None = None
+
+    def _settings(self) -> dict[str, str]:
+        if self._insert_settings is None:
+            names = ", ".join(quote_string(name) for name in NEWER_INSERT_SETTINGS)
+            known = {
+                str(row[0])
+                for row in self._transport.select(
+                    f"SELECT name FROM system.settings WHERE name IN ({names})"
+                )
+            }
+            newer = {k: v for k, v in NEWER_INSERT_SETTINGS.items() if k in known}
+            self._insert_settings = {**INSERT_SETTINGS, **newer}
+        return self._insert_settings
+
+    def _insert(self, table: str, body: bytes) -> None:
+        query_id = f"{self._run_prefix}{next(self._inserts)}"
+        self._transport.insert(table, body, query_id=query_id, settings=self._settings())
+
+    def write(self, rows: list[bytes]) -> None:
+        self._insert(EVENT_LOG_TABLE, b"\n".join(rows))
+
+    def write_dead_letters(self, rows: list[bytes], error: str) -> None:
+        records = (dead_letter_record(row, error, self._source) for row in rows)
+        self._insert(DEAD_LETTER_TABLE, b"\n".join(records))
+
+    def fence_earlier_runs(self) -> None:
+        # A ClickHouse server finishes an insert whose client died once it has the whole body.
+        # If a killed run's insert were still executing, the restart read next would miss
+        # rows that land a moment later, and the replay would send them again in a batch cut
+        # differently, which insert deduplication does not recognise. KILL ... SYNC cancels
+        # such inserts, or waits for them to finish, before it returns.
+        self._transport.command(
+            f"KILL QUERY WHERE startsWith(query_id, '{self._source_prefix}')"
+            f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"
+        )
+
+    def check_source(self, identity: SourceIdentity) -> None:
+        """Record which PostgreSQL this source reads, or refuse if its rows came from another:
+        positions of two WAL histories are not comparable, and a replay would skip the wrong
+        events."""
+        rows = self._transport.select(
+            f"SELECT system_identifier, database FROM {SOURCES_TABLE} FINAL"
+            f" WHERE source = {self._source_literal}"
+        )
+        if not rows:
+            self._transport.command(
+                f"INSERT INTO {SOURCES_TABLE} (source, system_identifier, database) VALUES"
+                f" ({self._source_literal}, {quote_string(identity.system_identifier)},"
+                f" {quote_string(identity.database)})"
+            )
+            return
+        recorded = SourceIdentity(str(rows[0][0]), str(rows[0][1]))
+        if recorded != identity:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"source {self._source} was recorded from PostgreSQL system"
+                f" {recorded.system_identifier} database {recorded.database}, but this is"
+                f" system {identity.system_identifier} database {identity.database}",
+                hint="give each PostgreSQL source its own CDC_SOURCE, or point DATABASE_URL"
+                " at the server this source was read from",
+            )
+
+    def stored_positions(self, since_lsn: int) -> StoredPositions:
+        """What either table holds for this source at or above `since_lsn`, read as runs of
+        consecutive source_seq per transaction. The skip index on source_lsn
+        (sql/clickhouse/0004) keeps the read proportional to those rows, not to event_log."""
+        where = (
+            f"source IN ({self._source_literal}, {quote_string(LEGACY_SOURCE)})"
+            f" AND source_lsn >= {int(since_lsn)}"
+        )
+        rows = self._transport.select(
+            "SELECT source_lsn, min(source_seq), max(source_seq) FROM ("
+            " SELECT source_lsn, source_seq, toInt64(source_seq) - row_number()"
+            " OVER (PARTITION BY source_lsn ORDER BY source_seq) AS run"
+            " FROM (SELECT DISTINCT source_lsn, source_seq FROM ("
+            f" SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE} WHERE {where}"
+            f" UNION ALL SELECT source_lsn, source_seq FROM {DEAD_LETTER_TABLE} WHERE {where})))"
+            " GROUP BY source_lsn, run ORDER BY source_lsn, min(source_seq)",
+            RESTART_READ_SETTINGS,
+        )
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for lsn, first, last in rows:
+            ranges.setdefault(int(lsn), []).append((int(first), int(last)))
+        runs: dict[int, SeqRanges] = dict(ranges)
+        return StoredPositions(since_lsn, runs)
+
+    def close(self) -> None:
+        self._transport.close()

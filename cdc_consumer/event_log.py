@@ -1,0 +1,121 @@
+"""event_log rows: outbox inserts encoded once as JSONEachRow lines, and their dead-letter form.
+
+The encoder is pure (bytes in, bytes out); the sink that ships the lines is in
+`clickhouse_sink.py`, the transports in `clickhouse.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import orjson
+
+from cdc_consumer.errors import ErrorKind, PipelineError
+from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_TABLE
+from cdc_consumer.pgoutput import Relation
+from cdc_consumer.sink import SourcePosition
+
+EVENT_LOG_TABLE = "event_log"
+DEAD_LETTER_TABLE = "event_log_dead_letter"
+_MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
+_ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
+_ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
+
+
+class EventLogEncoder:
+    """Turns decoded event_outbox inserts into JSONEachRow lines for `event_log`.
+
+    Built from the Relation message, so columns are found by name and a column added to the
+    outbox later does not shift anything. The jsonb context is spliced in as PostgreSQL sent it
+    (it is valid JSON by construction) and also kept verbatim in `event_context_raw`. Every row
+    names its source, so several sources can share one event_log without mistaking each
+    other's positions for their own.
+    """
+
+    def __init__(self, relation: Relation, *, source: str) -> None:
+        names = [column.name for column in relation.columns]
+        missing = [name for name in OUTBOX_COLUMNS if name not in names]
+        if missing:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"{OUTBOX_TABLE} lacks columns {missing}",
+                hint="run `python -m cdc_consumer migrate` against this database",
+            )
+        self._index = tuple(names.index(name) for name in OUTBOX_COLUMNS)
+        self._source = source
+        self._tail = b',"source":' + orjson.dumps(source) + b',"source_lsn":%d,"source_seq":%d}'
+        self._strings: dict[bytes, bytes] = {}
+
+    def _json_string(self, text: bytes) -> bytes:
+        """JSON string for a low-cardinality text value (event type, environment), memoised."""
+        quoted = self._strings.get(text)
+        if quoted is None:
+            quoted = orjson.dumps(text.decode())
+            if len(self._strings) < _MEMO_LIMIT:
+                self._strings[text] = quoted
+        return quoted
+
+    def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        event_id, event_type, date_time, environment, context, version, trace_id = (
+            values[i] for i in self._index
+        )
+        if not (
+            isinstance(event_id, bytes)
+            and isinstance(event_type, bytes)
+            and isinstance(date_time, bytes)
+            and isinstance(environment, bytes)
+            and isinstance(context, bytes)
+            and isinstance(version, bytes)
+        ):
+            # Cannot happen with the outbox's NOT NULL, insert-only contract; if it does, the
+            # row is written with JSON nulls, ClickHouse refuses it, and it is dead-lettered.
+            return self._row_with_nulls(values, position)
+        # uuid, timestamptz and bigint text is plain ASCII without quotes or backslashes, so it
+        # is spliced as is; only the free-text columns need JSON string escaping.
+        return b"".join(
+            (
+                b'{"event_id":"',
+                event_id,
+                b'","event_type":',
+                self._json_string(event_type),
+                b',"event_date_time":"',
+                date_time,
+                b'","environment":',
+                self._json_string(environment),
+                b',"event_context":',
+                context,
+                b',"event_context_raw":',
+                orjson.dumps(context.decode()),
+                b',"metadata_version":',
+                version,
+                b',"trace_id":',
+                orjson.dumps(trace_id.decode()) if isinstance(trace_id, bytes) else b'""',
+                self._tail % position,
+            )
+        )
+
+    def _row_with_nulls(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        row: dict[str, object] = {}
+        for name, i in zip(OUTBOX_COLUMNS, self._index, strict=True):
+            value = values[i]
+            row[name] = value.decode(errors="replace") if isinstance(value, bytes) else None
+        row["source"] = self._source
+        row["source_lsn"], row["source_seq"] = position
+        return orjson.dumps(row)
+
+
+def dead_letter_record(row: bytes, error: str, source: str) -> bytes:
+    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves)."""
+    position = _ROW_POSITION.search(row)
+    event_id = _ROW_EVENT_ID.match(row)
+    return orjson.dumps(
+        {
+            "source": source,
+            "source_lsn": int(position.group(1)) if position else 0,
+            "source_seq": int(position.group(2)) if position else 0,
+            "event_id": orjson.loads(event_id.group(1)) or "" if event_id else "",
+            "row": row.decode(errors="replace"),
+            "error": error,
+        }
+    )
