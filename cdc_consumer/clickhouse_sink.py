@@ -10,7 +10,7 @@ from itertools import count
 from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, dead_letter_record
-from cdc_consumer.sink import SeqRanges, SourceIdentity, StoredPositions
+from cdc_consumer.sink import SourceIdentity, StoredPositions
 
 SOURCES_TABLE = "cdc_sources"
 # Rows written before event_log recorded its source (sql/clickhouse/0004) carry ''. They can
@@ -140,28 +140,30 @@ class ClickHouseSink:
             )
 
     def stored_positions(self, since_lsn: int) -> StoredPositions:
-        """What either table holds for this source at or above `since_lsn`, read as runs of
-        consecutive source_seq per transaction. The skip index on source_lsn
-        (sql/clickhouse/0004) keeps the read proportional to those rows, not to event_log."""
+        """What either table holds for this source at or above `since_lsn`, as runs of
+        consecutive source_seq per transaction."""
+        rows = self._transport.select(self.restart_read_sql(since_lsn), RESTART_READ_SETTINGS)
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for lsn, first, last in rows:
+            ranges.setdefault(int(lsn), []).append((int(first), int(last)))
+        return StoredPositions(since_lsn, ranges)
+
+    def restart_read_sql(self, since_lsn: int) -> str:
+        """The restart read. The skip index on source_lsn (sql/clickhouse/0004) keeps it
+        proportional to the rows at or above `since_lsn`, not to the size of event_log."""
         where = (
             f"source IN ({self._source_literal}, {quote_string(LEGACY_SOURCE)})"
             f" AND source_lsn >= {int(since_lsn)}"
         )
-        rows = self._transport.select(
+        return (
             "SELECT source_lsn, min(source_seq), max(source_seq) FROM ("
             " SELECT source_lsn, source_seq, toInt64(source_seq) - row_number()"
             " OVER (PARTITION BY source_lsn ORDER BY source_seq) AS run"
             " FROM (SELECT DISTINCT source_lsn, source_seq FROM ("
             f" SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE} WHERE {where}"
             f" UNION ALL SELECT source_lsn, source_seq FROM {DEAD_LETTER_TABLE} WHERE {where})))"
-            " GROUP BY source_lsn, run ORDER BY source_lsn, min(source_seq)",
-            RESTART_READ_SETTINGS,
+            " GROUP BY source_lsn, run ORDER BY source_lsn, min(source_seq)"
         )
-        ranges: dict[int, list[tuple[int, int]]] = {}
-        for lsn, first, last in rows:
-            ranges.setdefault(int(lsn), []).append((int(first), int(last)))
-        runs: dict[int, SeqRanges] = dict(ranges)
-        return StoredPositions(since_lsn, runs)
 
     def close(self) -> None:
         self._transport.close()

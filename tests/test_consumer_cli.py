@@ -55,6 +55,22 @@ def _clean_env(**values: str) -> dict[str, str]:
             },
             "CDC_SLOT",
         ),
+        (
+            {
+                "DATABASE_URL": "postgresql://x@y/z",
+                "CLICKHOUSE_URL": "http://ch:8123/default",
+                "CDC_SOURCE": "orders-db",  # a '-' would let one source's fence match another's
+            },
+            "CDC_SOURCE",
+        ),
+        (
+            {
+                "DATABASE_URL": "postgresql://x@y/z",
+                "CLICKHOUSE_URL": "http://ch:8123/default",
+                "CDC_BATCH_MAX_BYTES": str(512 * 1024 * 1024),
+            },
+            "CDC_BATCH_MAX_BYTES",
+        ),
     ],
 )
 def test_bad_configuration_refuses_to_start_with_one_line(env, needle):

@@ -231,3 +231,25 @@ def clickhouse_select(clickhouse_url: str, sql: str) -> list[list[Any]]:
         return transport.select(sql)
     finally:
         transport.close()
+
+
+def clickhouse_command(clickhouse_url: str, sql: str) -> None:
+    """Run one statement through the consumer's own transport and close it."""
+    from cdc_consumer.clickhouse import connect
+
+    transport = connect(clickhouse_url)
+    try:
+        transport.command(sql)
+    finally:
+        transport.close()
+
+
+@pytest.fixture
+def merges_stopped(clickhouse_server: ClickHouseServer) -> Iterator[ClickHouseServer]:
+    """event_log does not merge during the test, so a ReplacingMergeTree cannot fold a
+    duplicate away before `count()` sees it."""
+    clickhouse_command(clickhouse_server.url, "SYSTEM STOP MERGES event_log")
+    try:
+        yield clickhouse_server
+    finally:
+        clickhouse_command(clickhouse_server.url, "SYSTEM START MERGES event_log")

@@ -1,0 +1,138 @@
+"""The restart read: exact for whatever part of an earlier insert landed, and bounded by the
+slot's confirmed position rather than by the size of event_log."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_consumer import pgoutput
+from cdc_consumer.clickhouse import connect
+from cdc_consumer.clickhouse_sink import ClickHouseSink
+from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
+from tests.support.fix_consumer import current_wal_lsn
+
+pytestmark = pytest.mark.e2e
+
+_READ = re.compile(r"Parts: \d+ \| Granules: (\d+)")
+
+
+def _commit_lsn_of_next_transaction(pg_conn: psycopg.Connection[Any], consumer) -> int:
+    """The commit LSN of the first transaction the slot will send (peeked, not consumed)."""
+    rows = pg_conn.execute(
+        "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
+        " 'proto_version', '1', 'publication_names', %s)",
+        (consumer.slot, consumer.env["CDC_PUBLICATION"]),
+    ).fetchall()
+    begin = pgoutput.decode(bytes(rows[0][0]))
+    assert isinstance(begin, pgoutput.Begin)
+    return begin.final_lsn
+
+
+def test_batch_that_landed_in_part_is_completed_once(make_consumer, merges_stopped, pg_conn):
+    """One transaction whose rows straddle a month boundary (two partitions, two parts) of
+    which only the later month's part landed: after the restart each event is there once."""
+    consumer = make_consumer(merges_stopped.url)
+    consumer.migrate()
+    environment = f"straddle-{uuid.uuid4().hex[:12]}"
+    # GIVEN one transaction: 5 events at the end of November (seq 0-4), 5 in December (5-9)
+    pg_conn.execute(
+        "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+        " event_context, metadata_version)"
+        " SELECT gen_random_uuid(), 'probe',"
+        "  CASE WHEN g <= 5 THEN timestamptz '2026-11-30 23:59:59.5+00'"
+        "  ELSE timestamptz '2026-12-01 00:00:00.5+00' END, %s, jsonb_build_object('n', g), 1"
+        " FROM generate_series(1, 10) AS g",
+        (environment,),
+    )
+    commit_lsn = _commit_lsn_of_next_transaction(pg_conn, consumer)
+    # AND only its December part in event_log, as when the insert's second part committed and
+    # the first did not (a crash between the two, or a partition the server refused)
+    ids = pg_conn.execute(
+        "SELECT event_id::text FROM event_outbox WHERE environment = %s ORDER BY event_id",
+        (environment,),
+    ).fetchall()
+    december = pg_conn.execute(
+        "SELECT event_id::text, (row_number() OVER (ORDER BY ctid)) - 1 AS seq FROM event_outbox"
+        " WHERE environment = %s ORDER BY ctid",
+        (environment,),
+    ).fetchall()[5:]
+    values = ", ".join(
+        f"('{event_id}', 'probe', '2026-12-01 00:00:00.5', '{environment}', '{{}}', '{{}}', 1,"
+        f" '{consumer.slot}', {commit_lsn}, {seq})"
+        for event_id, seq in december
+    )
+    clickhouse_command(
+        merges_stopped.url,
+        "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
+        " event_context, event_context_raw, metadata_version, source, source_lsn, source_seq)"
+        f" VALUES {values}",
+    )
+    # WHEN the consumer starts and replays the transaction
+    consumer.start()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN every event is in event_log exactly once (merges are stopped: nothing folded away)
+    rows = clickhouse_select(
+        merges_stopped.url,
+        "SELECT toString(event_id), count() FROM event_log"
+        f" WHERE environment = '{environment}' GROUP BY event_id",
+    )
+    assert sorted(rows) == sorted([event_id, 1] for (event_id,) in ids)
+
+
+def test_restart_read_selects_granules_above_the_confirmed_position_only(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """With ten million older rows of the same source in event_log, the restart read selects
+    the granules at or above the slot's confirmed position, not the table."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    source = consumer.slot
+    # GIVEN ten million rows of this source, all below the slot's confirmed position, in a
+    # month of their own (dropped afterwards, so later tests do not scan them)
+    confirmed = consumer.confirmed_lsn()
+    rows = 10_000_000
+    clickhouse_command(
+        clickhouse_server.url,
+        "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
+        " event_context, event_context_raw, metadata_version, source, source_lsn, source_seq)"
+        " SELECT generateUUIDv4(number), 'bulk_restart_read',"
+        "  toDateTime64('2001-01-01 00:00:00', 6, 'UTC') + toIntervalMicrosecond(number * 1000),"
+        f"  'bulk', '{{}}', '{{}}', 1, '{source}', intDiv(number * {confirmed - 1}, {rows}), 0"
+        f" FROM numbers({rows})",
+    )
+    sink = ClickHouseSink(connect(clickhouse_server.url), source=source)
+    try:
+        # WHEN the restart read runs from the confirmed position
+        explained = clickhouse_select(
+            clickhouse_server.url, f"EXPLAIN indexes = 1 {sink.restart_read_sql(confirmed)}"
+        )
+        everything = clickhouse_select(
+            clickhouse_server.url, f"EXPLAIN indexes = 1 {sink.restart_read_sql(0)}"
+        )
+        stored = sink.stored_positions(confirmed)
+    finally:
+        sink.close()
+        clickhouse_command(clickhouse_server.url, "ALTER TABLE event_log DROP PARTITION 200101")
+    # THEN event_log is read in a handful of granules, where reading from the origin reads
+    # every granule of the table
+    assert _granules_read(explained) <= 4, explained
+    assert _granules_read(everything) >= rows // 8192, everything
+    assert stored.rows == 0
+
+
+def _granules_read(plan: list[list[Any]]) -> int:
+    """Granules of event_log the plan reads once every index has been applied."""
+    lines = [str(row[0]) for row in plan]
+    for n, line in enumerate(lines):
+        if "ReadFromMergeTree" in line and "event_log)" in line:
+            for following in lines[n : n + 4]:
+                match = _READ.search(following)
+                if match:
+                    return int(match.group(1))
+    pytest.fail("the plan reads no event_log:\n" + "\n".join(lines))
