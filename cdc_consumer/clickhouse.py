@@ -20,6 +20,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from cdc_consumer.clickhouse_cluster import (
+    InsertQuorum,
+    on_cluster,
+    quorum_insert_settings,
+    quorum_select_settings,
+)
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.pgoutput import Relation
 from cdc_consumer.sink import ORIGIN, SourcePosition
@@ -70,10 +76,13 @@ class ClickHouseTransport(Protocol):
 class HttpTransport:
     """clickhouse-connect over HTTP(S); errors surface as transient sink failures."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, insert_quorum: InsertQuorum = 0) -> None:
         import clickhouse_connect  # noqa: PLC0415  (keeps chdb-only processes lean)
 
         self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+        # On a cluster (docs/adr/0005-clickhouse-cluster.md); both empty on one server.
+        self._quorum_insert = quorum_insert_settings(insert_quorum)
+        self._quorum_select = quorum_select_settings(insert_quorum)
 
     def command(self, sql: str) -> None:
         with _sink_errors():
@@ -81,7 +90,9 @@ class HttpTransport:
 
     def select(self, sql: str) -> list[list[Any]]:
         with _sink_errors():
-            raw = self._client.raw_query(sql, settings=SELECT_SETTINGS, fmt="JSONCompact")
+            raw = self._client.raw_query(
+                sql, settings={**SELECT_SETTINGS, **self._quorum_select}, fmt="JSONCompact"
+            )
         return list(orjson.loads(raw)["data"])
 
     def insert(self, table: str, body: bytes, query_id: str) -> None:
@@ -89,7 +100,7 @@ class HttpTransport:
             self._client.raw_insert(
                 table,
                 insert_block=body,
-                settings={**INSERT_SETTINGS, "query_id": query_id},
+                settings={**INSERT_SETTINGS, **self._quorum_insert, "query_id": query_id},
                 fmt="JSONEachRow",
             )
 
@@ -168,13 +179,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500] if text else ""
 
 
-def connect(url: str) -> ClickHouseTransport:
+def connect(url: str, *, insert_quorum: InsertQuorum = 0) -> ClickHouseTransport:
     """A transport for CLICKHOUSE_URL: http(s)://user:pass@host:port/db or chdb:///path."""
     parts = urlsplit(url)
     if parts.scheme == "chdb":
         database = parse_qs(parts.query).get("database", ["default"])[0]
         return ChdbTransport(parts.path, database)
-    return HttpTransport(url)
+    return HttpTransport(url, insert_quorum=insert_quorum)
 
 
 class EventLogEncoder:
@@ -280,8 +291,12 @@ class ClickHouseSink:
     inserts an earlier, killed run left executing on the server.
     """
 
-    def __init__(self, transport: ClickHouseTransport, *, slot: str) -> None:
+    def __init__(
+        self, transport: ClickHouseTransport, *, slot: str, cluster: str | None = None
+    ) -> None:
         self._transport = transport
+        # A killed run may have written through another host of the cluster.
+        self._kill_on = f" {on_cluster(cluster)}" if cluster else ""
         self._slot_prefix = f"cdc-{slot}-"
         self._run_prefix = f"{self._slot_prefix}{uuid.uuid4().hex}-"
         self._inserts = count(1)
@@ -303,7 +318,7 @@ class ClickHouseSink:
         # such inserts, or waits for them to finish, before it returns. A single-block insert
         # is atomic, so afterwards each one is either wholly in the table or not at all.
         self._transport.command(
-            f"KILL QUERY WHERE startsWith(query_id, '{self._slot_prefix}')"
+            f"KILL QUERY{self._kill_on} WHERE startsWith(query_id, '{self._slot_prefix}')"
             f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"
         )
 

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from cdc_consumer import migrations
-from cdc_consumer.clickhouse import connect
+from cdc_consumer.clickhouse import ChdbTransport, ClickHouseSink, HttpTransport, connect
 from cdc_consumer.clickhouse_cluster import (
     cluster_statement,
     on_cluster,
@@ -263,3 +263,43 @@ def test_quorum_settings_are_none_when_off_and_sequential_when_on():
             "insert_quorum_parallel": "0",
         }
         assert quorum_select_settings(quorum) == {"select_sequential_consistency": "1"}
+
+
+def test_http_transport_sends_quorum_settings_the_engine_accepts(clickhouse_faults):
+    """With a quorum, inserts carry insert_quorum and insert_quorum_parallel=0 and selects
+    select_sequential_consistency=1, all taken by the real engine; without one, neither."""
+    table = f"quorum_probe_{uuid.uuid4().hex[:12]}"
+    plain = HttpTransport(clickhouse_faults.url)
+    quorum = HttpTransport(clickhouse_faults.url, insert_quorum=2)
+    plain.command(f"CREATE TABLE {table} (x UInt8) ENGINE = MergeTree ORDER BY x")
+    try:
+        quorum.insert(table, b'{"x":1}', f"{table}-1")
+        sent = clickhouse_faults.stats()["last_request"]["settings"]
+        assert (sent["insert_quorum"], sent["insert_quorum_parallel"]) == ("2", "0")
+        assert quorum.select(f"SELECT count() FROM {table}") == [[1]]
+        assert (
+            clickhouse_faults.stats()["last_request"]["settings"]["select_sequential_consistency"]
+            == "1"
+        )
+        plain.insert(table, b'{"x":2}', f"{table}-2")
+        assert "insert_quorum" not in clickhouse_faults.stats()["last_request"]["settings"]
+        plain.select(f"SELECT count() FROM {table}")
+        sent = clickhouse_faults.stats()["last_request"]["settings"]
+        assert "select_sequential_consistency" not in sent
+    finally:
+        plain.command(f"DROP TABLE {table}")
+        plain.close()
+        quorum.close()
+
+
+def test_fence_of_earlier_runs_is_sent_on_cluster(tmp_path):
+    """With a cluster the fence is KILL QUERY ON CLUSTER, which the engine routes as distributed
+    DDL (chDB has none and says so); without one it runs on the server itself."""
+    transport = ChdbTransport(str(tmp_path / "ch"))
+    try:
+        ClickHouseSink(transport, slot="cluster_fence").fence_earlier_runs()
+        clustered = ClickHouseSink(transport, slot="cluster_fence", cluster=CLUSTER)
+        with pytest.raises(PipelineError, match=r"Code: 392\..*Replicated DDL"):
+            clustered.fence_earlier_runs()
+    finally:
+        transport.close()
