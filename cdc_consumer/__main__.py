@@ -1,4 +1,5 @@
-"""CLI: `python -m cdc_consumer run | migrate | status [--json] | health | backfill --since T`.
+"""CLI: `python -m cdc_consumer run | migrate [--print-clickhouse-ddl] | status [--json] | health |
+backfill --since T`.
 
 The entry point is the only place that reads the environment, configures logging and Sentry,
 and wires the parts together.
@@ -14,7 +15,7 @@ from datetime import datetime
 import psycopg
 import structlog
 
-from cdc_consumer import backfill, clickhouse, provisioning
+from cdc_consumer import backfill, clickhouse, migrations, provisioning
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
@@ -26,13 +27,28 @@ from cdc_consumer.status import Severity, SlotReport, slot_report
 log = structlog.get_logger("cdc_consumer")
 
 
+def _connect(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
+    return clickhouse.connect(
+        settings.clickhouse_url.get_secret_value(),
+        insert_quorum=settings.clickhouse_insert_quorum,
+    )
+
+
 def _migrate(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
-    transport = clickhouse.connect(settings.clickhouse_url.get_secret_value())
+    transport = _connect(settings)
     provisioning.migrate_all(settings, transport)
     return transport
 
 
-def cmd_migrate(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
+def cmd_migrate(settings: ConsumerSettings, args: argparse.Namespace) -> int:
+    if args.print_clickhouse_ddl:
+        # For review before a cluster is migrated: what this configuration would apply to an
+        # empty database. Connects to nothing.
+        ddl = migrations.clickhouse_ddl(
+            migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
+        )
+        print(ddl, end="")
+        return 0
     _migrate(settings).close()
     return 0
 
@@ -41,7 +57,7 @@ def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     stop = StopRequest()
     stop.install()
     transport = _migrate(settings)
-    sink = ClickHouseSink(transport, source=settings.source)
+    sink = ClickHouseSink(transport, source=settings.source, cluster=settings.clickhouse_cluster)
     try:
         return Pipeline(settings, sink, stop).run()
     finally:
@@ -93,7 +109,7 @@ def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
 
 
 def _migrate_schemas_only(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
-    transport = clickhouse.connect(settings.clickhouse_url.get_secret_value())
+    transport = _connect(settings)
     provisioning.migrate_schemas(settings, transport)
     return transport
 
@@ -123,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         type=_aware_time,
         help="backfill: re-ship outbox rows created at or after this ISO 8601 time",
     )
+    parser.add_argument(
+        "--print-clickhouse-ddl",
+        action="store_true",
+        help="migrate: print the ClickHouse DDL it would apply (CLICKHOUSE_CLUSTER), apply nothing",
+    )
     args = parser.parse_args(argv)
+    if args.print_clickhouse_ddl and args.command != "migrate":
+        parser.error("--print-clickhouse-ddl goes with migrate")
     settings = load_settings()
     configure_logging(settings)
     configure_sentry(settings)

@@ -110,7 +110,7 @@ def _ship(
 ) -> BackfillResult:
     source = settings.source
     encoder = EventLogEncoder(_RELATION, source=source)
-    sink = ClickHouseSink(transport, source=source)
+    sink = ClickHouseSink(transport, source=source, cluster=settings.clickhouse_cluster)
     # A consumer run that lost the slot may still have an insert executing: let it end before
     # the presence check reads what is there, or its rows would be shipped a second time.
     sink.fence_earlier_runs()

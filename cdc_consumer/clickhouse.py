@@ -19,6 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from cdc_consumer.clickhouse_cluster import (
+    InsertQuorum,
+    quorum_insert_settings,
+    quorum_select_settings,
+)
 from cdc_consumer.errors import ErrorKind, PipelineError
 
 # ClickHouse error codes that mean "this data cannot go into this table", as opposed to the
@@ -46,10 +51,13 @@ class ClickHouseTransport(Protocol):
 class HttpTransport:
     """clickhouse-connect over HTTP(S); errors surface as transient sink failures."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, insert_quorum: InsertQuorum = 0) -> None:
         import clickhouse_connect  # noqa: PLC0415  (keeps chdb-only processes lean)
 
         self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+        # On a cluster (docs/adr/0005-clickhouse-cluster.md); both empty on one server.
+        self._quorum_insert = quorum_insert_settings(insert_quorum)
+        self._quorum_select = quorum_select_settings(insert_quorum)
 
     def command(self, sql: str) -> None:
         with _sink_errors():
@@ -58,7 +66,9 @@ class HttpTransport:
     def select(self, sql: str, settings: Mapping[str, str] | None = None) -> list[list[Any]]:
         with _sink_errors():
             raw = self._client.raw_query(
-                sql, settings={**SELECT_SETTINGS, **(settings or {})}, fmt="JSONCompact"
+                sql,
+                settings={**SELECT_SETTINGS, **self._quorum_select, **(settings or {})},
+                fmt="JSONCompact",
             )
         return list(orjson.loads(raw)["data"])
 
@@ -69,7 +79,7 @@ class HttpTransport:
             self._client.raw_insert(
                 table,
                 insert_block=body,
-                settings={**settings, "query_id": query_id},
+                settings={**settings, **self._quorum_insert, "query_id": query_id},
                 fmt="JSONEachRow",
             )
 
@@ -154,10 +164,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500] if text else ""
 
 
-def connect(url: str) -> ClickHouseTransport:
+def connect(url: str, *, insert_quorum: InsertQuorum = 0) -> ClickHouseTransport:
     """A transport for CLICKHOUSE_URL: http(s)://user:pass@host:port/db or chdb:///path."""
     parts = urlsplit(url)
     if parts.scheme == "chdb":
         database = parse_qs(parts.query).get("database", ["default"])[0]
         return ChdbTransport(parts.path, database)
-    return HttpTransport(url)
+    return HttpTransport(url, insert_quorum=insert_quorum)

@@ -8,6 +8,7 @@ import uuid
 from itertools import count
 
 from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
+from cdc_consumer.clickhouse_cluster import on_cluster
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, dead_letter_record
 from cdc_consumer.sink import SourceIdentity, StoredPositions
@@ -69,8 +70,12 @@ class ClickHouseSink:
     identifiers (no `-`), so one source's prefix never matches another's ids.
     """
 
-    def __init__(self, transport: ClickHouseTransport, *, source: str) -> None:
+    def __init__(
+        self, transport: ClickHouseTransport, *, source: str, cluster: str | None = None
+    ) -> None:
         self._transport = transport
+        # A killed run may have written through another host of the cluster.
+        self._kill_on = f" {on_cluster(cluster)}" if cluster else ""
         self._source = source
         self._source_literal = quote_string(source)
         self._source_prefix = f"cdc-{source}-"
@@ -109,7 +114,7 @@ class ClickHouseSink:
         # differently, which insert deduplication does not recognise. KILL ... SYNC cancels
         # such inserts, or waits for them to finish, before it returns.
         self._transport.command(
-            f"KILL QUERY WHERE startsWith(query_id, '{self._source_prefix}')"
+            f"KILL QUERY{self._kill_on} WHERE startsWith(query_id, '{self._source_prefix}')"
             f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"
         )
 

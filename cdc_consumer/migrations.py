@@ -6,6 +6,10 @@ database no longer matches what the repository says it is. New files are applied
 PostgreSQL applies each file and its record in one transaction under an advisory lock, so two
 processes migrating at once cannot both apply it. ClickHouse has no transactions: statements
 are written idempotently (`IF NOT EXISTS`) and the record is written after them.
+
+On a ClickHouse cluster (CLICKHOUSE_CLUSTER) the same files are applied as
+`clickhouse_cluster.cluster_statement` rewrites them (ON CLUSTER, replicated engines); the
+record keeps the checksum of the file as written, so the files stay the one source of truth.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import psycopg
 import structlog
 
 from cdc_consumer.clickhouse import ClickHouseTransport
+from cdc_consumer.clickhouse_cluster import cluster_statement, sql_string
 from cdc_consumer.errors import ErrorKind, PipelineError
 
 SQL_ROOT = Path(__file__).resolve().parent.parent / "sql"
@@ -93,30 +98,78 @@ def migrate_postgres(conn: psycopg.Connection[tuple[object, ...]], directory: Pa
     return applied_names
 
 
-def migrate_clickhouse(transport: ClickHouseTransport, directory: Path) -> list[str]:
-    """Apply pending ClickHouse migrations; returns the names applied."""
-    transport.command(
-        "CREATE TABLE IF NOT EXISTS cdc_schema_migrations"
-        " (name String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
-        " ENGINE = ReplacingMergeTree ORDER BY name"
-    )
+# The runner's own record in ClickHouse, created before any file and rewritten like them.
+CLICKHOUSE_RECORD = MigrationFile(
+    "cdc_schema_migrations",
+    "CREATE TABLE IF NOT EXISTS cdc_schema_migrations"
+    " (name String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
+    " ENGINE = ReplacingMergeTree ORDER BY name",
+)
+
+
+def clickhouse_statements(file: MigrationFile, *, cluster: str | None = None) -> list[str]:
+    """The statements applied for `file`: as written, or rewritten for `cluster`."""
+    statements = split_statements(file.sql)
+    if cluster is None:
+        return statements
+    try:
+        return [cluster_statement(statement, cluster=cluster) for statement in statements]
+    except PipelineError as exc:
+        raise PipelineError(exc.kind, f"{file.name}: {exc}", hint=exc.hint) from exc
+
+
+def clickhouse_ddl(directory: Path, *, cluster: str | None = None) -> str:
+    """Every ClickHouse statement `migrate` would apply to an empty database, runner's own table
+    first, as one script for an operator to review."""
+    sections = []
+    for file in [CLICKHOUSE_RECORD, *migration_files(directory)]:
+        statements = clickhouse_statements(file, cluster=cluster)
+        sections.append(f"-- {file.name}\n" + "\n\n".join(f"{s};" for s in statements))
+    return "\n\n".join(sections) + "\n"
+
+
+def migrate_clickhouse(
+    transport: ClickHouseTransport, directory: Path, *, cluster: str | None = None
+) -> list[str]:
+    """Apply pending ClickHouse migrations, for one server or ON `cluster`; returns the names
+    applied."""
+    files = migration_files(directory)
+    # Every file is rewritten before anything runs, so a statement the cluster rewrite refuses
+    # stops the runner before it has changed any host.
+    statements = {f.name: clickhouse_statements(f, cluster=cluster) for f in files}
+    _refuse_other_topology(transport, cluster)
+    for statement in clickhouse_statements(CLICKHOUSE_RECORD, cluster=cluster):
+        transport.command(statement)
     rows = transport.select("SELECT name, checksum FROM cdc_schema_migrations FINAL")
     applied_names: list[str] = []
-    for file in pending(migration_files(directory), {str(n): str(c) for n, c in rows}):
-        for statement in split_statements(file.sql):
+    for file in pending(files, {str(n): str(c) for n, c in rows}):
+        for statement in statements[file.name]:
             transport.command(statement)
         transport.command(
             "INSERT INTO cdc_schema_migrations (name, checksum) VALUES "
-            f"({_quote(file.name)}, {_quote(file.checksum)})"
+            f"({sql_string(file.name)}, {sql_string(file.checksum)})"
         )
         applied_names.append(file.name)
     _log_applied("clickhouse", applied_names)
     return applied_names
 
 
-def _quote(value: str) -> str:
-    # Only file names and hex digests pass through here; still, quote like ClickHouse does.
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def _refuse_other_topology(transport: ClickHouseTransport, cluster: str | None) -> None:
+    # A database migrated for one server holds tables that are not replicated (and the other
+    # way round); applying the remaining files for the other topology would mix the two.
+    rows = transport.select(
+        "SELECT engine FROM system.tables"
+        " WHERE database = currentDatabase() AND name = 'cdc_schema_migrations'"
+    )
+    if not rows or str(rows[0][0]).startswith("Replicated") == (cluster is not None):
+        return
+    raise PipelineError(
+        ErrorKind.CONFIGURATION,
+        f"this ClickHouse database was migrated {'for one server' if cluster else 'on a cluster'},"
+        f" and CLICKHOUSE_CLUSTER is {'set' if cluster else 'unset'}",
+        hint="set CLICKHOUSE_CLUSTER as when the database was first migrated; moving existing"
+        " tables to replicated engines is a manual ClickHouse operation",
+    )
 
 
 def _log_applied(database: str, names: list[str]) -> None:

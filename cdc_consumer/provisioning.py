@@ -81,4 +81,6 @@ def migrate_schemas(settings: ConsumerSettings, clickhouse: ClickHouseTransport)
     """Apply sql/ to both databases (the backfill creates the slot itself)."""
     with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
-    migrations.migrate_clickhouse(clickhouse, migrations.SQL_ROOT / "clickhouse")
+    migrations.migrate_clickhouse(
+        clickhouse, migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
+    )

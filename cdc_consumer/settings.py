@@ -10,12 +10,23 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdc_consumer.clickhouse_cluster import InsertQuorum
 from cdc_consumer.status import SlotThresholds
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# A cluster name from the server's remote_servers, or a macro naming one (`{cluster}`).
+_CLUSTER = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|\{[A-Za-z0-9_]{1,64}\})$")
 
 
 def _postgres_identifier(value: str) -> str:
@@ -42,6 +53,26 @@ def postgres_url(value: SecretStr) -> SecretStr:
     if urlsplit(value.get_secret_value()).scheme not in {"postgres", "postgresql"}:
         raise ValueError("must be postgresql://user:pass@host:port/db")
     return value
+
+
+def _clickhouse_cluster(value: str | None) -> str | None:
+    if value and not _CLUSTER.match(value):
+        raise ValueError(
+            "must be a cluster name (letters, digits, _ . -) or a macro like {cluster}"
+        )
+    return value or None  # empty, as .env files spell "unset": one server
+
+
+def _insert_quorum(value: object) -> object:
+    # Parsed here, not by pydantic's int | 'auto' union, so a bad value gets one line, not one
+    # per member; empty is unset (off), as for CLICKHOUSE_CLUSTER.
+    text = str(value).strip() or "0"
+    if text == "auto":
+        return text
+    # ClickHouse treats a quorum below 2 as none: accepting 1 would promise what it is not.
+    if not (text.isascii() and text.isdigit()) or int(text) == 1:
+        raise ValueError("must be 0 (off), 2 or more, or auto (ClickHouse ignores a quorum of 1)")
+    return int(text)
 
 
 Identifier = Annotated[str, AfterValidator(_postgres_identifier)]
@@ -99,6 +130,33 @@ class ConsumerSettings(SlotCheckSettings):
     cdc_status_interval_seconds: float = Field(default=10.0, gt=0, le=300)
     cdc_retry_max_seconds: float = Field(default=30.0, gt=0)
     cdc_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+
+    # A ClickHouse cluster (docs/adr/0005-clickhouse-cluster.md): the schema is created ON
+    # CLUSTER on replicated engines, and the fence of earlier runs reaches every host. Unset or
+    # empty: one server.
+    clickhouse_cluster: Annotated[str | None, BeforeValidator(_clickhouse_cluster)] = None
+    # Replicas that must hold an insert before ClickHouse acknowledges it (and so before the
+    # slot is confirmed); 0 is off, 'auto' a majority of the replicas.
+    clickhouse_insert_quorum: Annotated[InsertQuorum, BeforeValidator(_insert_quorum)] = 0
+
+    @field_validator("clickhouse_cluster")
+    @classmethod
+    def _cluster_needs_a_server(cls, value: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("clickhouse_url")
+        if value and url is not None and urlsplit(url.get_secret_value()).scheme == "chdb":
+            raise ValueError(
+                "needs an http(s) CLICKHOUSE_URL: the embedded chdb:// engine is one server"
+            )
+        return value
+
+    @field_validator("clickhouse_insert_quorum")
+    @classmethod
+    def _quorum_needs_a_cluster(cls, value: InsertQuorum, info: ValidationInfo) -> InsertQuorum:
+        # On a table that is not replicated ClickHouse ignores the quorum: refuse to imply it.
+        # (A cluster that failed its own check is missing from info.data: already reported.)
+        if value != 0 and "clickhouse_cluster" in info.data and not info.data["clickhouse_cluster"]:
+            raise ValueError("needs CLICKHOUSE_CLUSTER: only replicated tables have a quorum")
+        return value
 
     @property
     def source(self) -> str:

@@ -1,4 +1,5 @@
-"""The consumer's command line, as an operator meets it: bad configuration and `status`."""
+"""The consumer's command line, as an operator meets it: bad configuration, `status` and the
+ClickHouse DDL printed for review."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from cdc_consumer import migrations
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -110,3 +113,37 @@ def test_status_reports_the_slot_as_json(make_consumer, clickhouse_server):
     assert report["active"] is False
     assert report["wal_status"] == "reserved"
     assert report["lag_bytes"] >= 0
+
+
+# Hosts that do not resolve: the printing command must connect to neither database.
+_UNREACHABLE = {
+    "DATABASE_URL": "postgresql://u@db.invalid/x",
+    "CLICKHOUSE_URL": "http://u@ch.invalid:8123/default",
+}
+
+
+def test_print_clickhouse_ddl_shows_the_cluster_schema_and_connects_to_nothing():
+    """`migrate --print-clickhouse-ddl` prints the DDL for CLICKHOUSE_CLUSTER and applies none."""
+    env = _clean_env(**_UNREACHABLE, CLICKHOUSE_CLUSTER="events")
+    result = _run("migrate", "--print-clickhouse-ddl", env=env)
+    assert result.returncode == 0, result.stderr
+    root = migrations.SQL_ROOT / "clickhouse"
+    assert result.stdout == migrations.clickhouse_ddl(root, cluster="events")
+    statements = migrations.split_statements(result.stdout)
+    assert len(statements) == len(migrations.split_statements(migrations.clickhouse_ddl(root)))
+    assert all("ON CLUSTER 'events'" in statement for statement in statements)
+
+
+def test_print_clickhouse_ddl_without_a_cluster_is_the_single_server_schema():
+    """Without CLICKHOUSE_CLUSTER it prints the files' statements as written, no ON CLUSTER."""
+    result = _run("migrate", "--print-clickhouse-ddl", env=_clean_env(**_UNREACHABLE))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == migrations.clickhouse_ddl(migrations.SQL_ROOT / "clickhouse")
+    assert "ON CLUSTER" not in result.stdout
+
+
+def test_print_clickhouse_ddl_belongs_to_migrate():
+    """The flag with another command is a usage error, not silently ignored."""
+    result = _run("status", "--print-clickhouse-ddl", env=_clean_env(**_UNREACHABLE))
+    assert result.returncode == 2
+    assert "--print-clickhouse-ddl goes with migrate" in result.stderr

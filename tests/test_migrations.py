@@ -86,3 +86,49 @@ def test_clickhouse_real_files_apply_once_and_refuse_edits(tmp_path):
             migrations.migrate_clickhouse(transport, edited)
     finally:
         transport.close()
+
+
+def test_clickhouse_cluster_migration_sends_the_rewritten_ddl(tmp_path):
+    """With a cluster the runner applies ON CLUSTER DDL: chDB, a single server, knows no cluster
+    and refuses its very first statement, so nothing is created."""
+    transport = ChdbTransport(str(tmp_path / "ch"))
+    try:
+        with pytest.raises(PipelineError, match=r"Code: 701\..*cluster 'events' not found"):
+            migrations.migrate_clickhouse(
+                transport, migrations.SQL_ROOT / "clickhouse", cluster="events"
+            )
+        assert transport.select("EXISTS TABLE cdc_schema_migrations") == [[0]]
+    finally:
+        transport.close()
+
+
+def test_clickhouse_cluster_refuses_a_file_it_cannot_rewrite_before_running_any(tmp_path):
+    """A file the cluster rewrite refuses stops the runner, naming the file, before any DDL runs."""
+    _write(
+        tmp_path / "sql", "0001_a.sql", "CREATE TABLE a (x UInt8) ENGINE = MergeTree ORDER BY x;"
+    )
+    _write(tmp_path / "sql", "0002_b.sql", "INSERT INTO a VALUES (1);")
+    transport = ChdbTransport(str(tmp_path / "ch"))
+    try:
+        with pytest.raises(PipelineError) as caught:
+            migrations.migrate_clickhouse(transport, tmp_path / "sql", cluster="events")
+        assert caught.value.kind is ErrorKind.CONFIGURATION
+        assert str(caught.value).startswith("0002_b.sql: cannot apply on a ClickHouse cluster")
+        assert transport.select("EXISTS TABLE cdc_schema_migrations") == [[0]]
+    finally:
+        transport.close()
+
+
+def test_clickhouse_refuses_a_cluster_on_a_database_migrated_for_one_server(tmp_path):
+    """Setting CLICKHOUSE_CLUSTER on a database first migrated for one server is refused."""
+    transport = ChdbTransport(str(tmp_path / "ch"))
+    try:
+        migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
+        with pytest.raises(PipelineError) as caught:
+            migrations.migrate_clickhouse(
+                transport, migrations.SQL_ROOT / "clickhouse", cluster="events"
+            )
+        assert caught.value.kind is ErrorKind.CONFIGURATION
+        assert "migrated for one server" in str(caught.value)
+    finally:
+        transport.close()

@@ -1,0 +1,104 @@
+"""cdc_consumer.settings: the ClickHouse cluster variables, read once from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_consumer.settings import load_settings
+
+_REQUIRED = {
+    "DATABASE_URL": "postgresql://consumer@db.internal:5432/app",
+    "CLICKHOUSE_URL": "http://consumer@ch.internal:8123/events",
+}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """The required variables and no cluster ones; tests set what they need."""
+    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in _REQUIRED.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def _refusal(env: pytest.MonkeyPatch, **variables: str) -> str:
+    """The line `load_settings` exits with once `variables` are set."""
+    for name, value in variables.items():
+        env.setenv(name, value)
+    with pytest.raises(SystemExit) as caught:
+        load_settings()
+    return str(caught.value.code)
+
+
+def test_one_server_by_default(env):
+    """Unset, the consumer targets one server: no cluster and no quorum."""
+    settings = load_settings()
+    assert (settings.clickhouse_cluster, settings.clickhouse_insert_quorum) == (None, 0)
+
+
+def test_empty_variables_mean_unset(env):
+    """Empty cluster and quorum variables, as .env files write them, mean unset."""
+    env.setenv("CLICKHOUSE_CLUSTER", "")
+    env.setenv("CLICKHOUSE_INSERT_QUORUM", "")
+    settings = load_settings()
+    assert (settings.clickhouse_cluster, settings.clickhouse_insert_quorum) == (None, 0)
+
+
+@pytest.mark.parametrize(
+    ("cluster", "quorum", "expected"),
+    [
+        ("events", "0", ("events", 0)),
+        ("events-eu.2", "2", ("events-eu.2", 2)),
+        ("{cluster}", "3", ("{cluster}", 3)),
+        ("events", "auto", ("events", "auto")),
+    ],
+)
+def test_cluster_and_quorum_are_read(env, cluster, quorum, expected):
+    """A cluster name or macro, and a quorum of 0, 2 or more, or auto, are taken as given."""
+    env.setenv("CLICKHOUSE_CLUSTER", cluster)
+    env.setenv("CLICKHOUSE_INSERT_QUORUM", quorum)
+    settings = load_settings()
+    assert (settings.clickhouse_cluster, settings.clickhouse_insert_quorum) == expected
+
+
+@pytest.mark.parametrize("cluster", ["it's", "two words", "{a}{b}", "-leading"])
+def test_cluster_name_that_is_not_a_name_is_refused(env, cluster):
+    """A cluster name that could break out of its SQL literal stops the process, naming it."""
+    assert _refusal(env, CLICKHOUSE_CLUSTER=cluster) == (
+        "configuration error: CLICKHOUSE_CLUSTER must be a cluster name (letters, digits, _ . -)"
+        " or a macro like {cluster}"
+    )
+
+
+@pytest.mark.parametrize("quorum", ["1", "-2", "many", "AUTO", "2.5"])
+def test_quorum_that_clickhouse_would_not_enforce_is_refused(env, quorum):
+    """A quorum of 1 (ClickHouse ignores it), a negative or a word other than auto is refused."""
+    assert _refusal(env, CLICKHOUSE_CLUSTER="events", CLICKHOUSE_INSERT_QUORUM=quorum) == (
+        "configuration error: CLICKHOUSE_INSERT_QUORUM must be 0 (off), 2 or more, or auto"
+        " (ClickHouse ignores a quorum of 1)"
+    )
+
+
+def test_quorum_without_a_cluster_is_refused(env):
+    """A quorum on tables that are not replicated would be ignored, so it needs a cluster."""
+    assert _refusal(env, CLICKHOUSE_INSERT_QUORUM="2") == (
+        "configuration error: CLICKHOUSE_INSERT_QUORUM needs CLICKHOUSE_CLUSTER: only replicated"
+        " tables have a quorum"
+    )
+
+
+def test_cluster_with_the_embedded_engine_is_refused(env):
+    """chdb:// is one engine in one process, never a cluster."""
+    refusal = _refusal(env, CLICKHOUSE_URL="chdb:///var/lib/event_log", CLICKHOUSE_CLUSTER="events")
+    assert refusal == (
+        "configuration error: CLICKHOUSE_CLUSTER needs an http(s) CLICKHOUSE_URL: the embedded"
+        " chdb:// engine is one server"
+    )
+
+
+def test_bad_cluster_is_reported_once_even_with_a_quorum(env):
+    """A malformed cluster beside a quorum gives one line, for the cluster, not two."""
+    refusal = _refusal(env, CLICKHOUSE_CLUSTER="it's", CLICKHOUSE_INSERT_QUORUM="2")
+    assert "\n" not in refusal
+    assert refusal.startswith("configuration error: CLICKHOUSE_CLUSTER ")
