@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +30,9 @@ from cdc_consumer.errors import ErrorKind, PipelineError
 # server or the network failing: parsing, type and size errors.
 _DATA_ERROR_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 349, 376})
 _ERROR_CODE = re.compile(r"Code: (\d+)")
+_QUERY_WAS_CANCELLED = 394  # KILL QUERY: a newer run's fence
+_THROW_IF = 395  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: with our mark, an insert guard refused
+SUPERSEDED_MARK = "superseded by a newer run of source"
 # Integers come back as JSON numbers, so both transports return the same Python values.
 SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
 
@@ -42,8 +45,18 @@ class ClickHouseTransport(Protocol):
     def select(self, sql: str, settings: Mapping[str, str] | None = None) -> list[list[Any]]: ...
 
     def insert(
-        self, table: str, body: bytes, *, query_id: str, settings: Mapping[str, str]
-    ) -> None: ...
+        self,
+        table: str,
+        body: bytes,
+        *,
+        columns: Sequence[str],
+        query_id: str,
+        settings: Mapping[str, str],
+        guard: str | None = None,
+    ) -> None:
+        """JSONEachRow `body` into `columns` of `table`. With a `guard` (a boolean SQL
+        expression), the server evaluates it as the insert starts and writes nothing if it
+        is false or raises: a fence that holds against a client frozen mid-flight."""
 
     def close(self) -> None: ...
 
@@ -55,6 +68,7 @@ class HttpTransport:
         import clickhouse_connect  # noqa: PLC0415  (keeps chdb-only processes lean)
 
         self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+        self._types: dict[str, dict[str, str]] = {}  # table -> column -> type, for input()
         # On a cluster (docs/adr/0005-clickhouse-cluster.md); both empty on one server.
         self._quorum_insert = quorum_insert_settings(insert_quorum)
         self._quorum_select = quorum_select_settings(insert_quorum)
@@ -73,15 +87,43 @@ class HttpTransport:
         return list(orjson.loads(raw)["data"])
 
     def insert(
-        self, table: str, body: bytes, *, query_id: str, settings: Mapping[str, str]
+        self,
+        table: str,
+        body: bytes,
+        *,
+        columns: Sequence[str],
+        query_id: str,
+        settings: Mapping[str, str],
+        guard: str | None = None,
     ) -> None:
+        options = {**settings, **self._quorum_insert, "query_id": query_id}
+        if guard is None:
+            with _sink_errors():
+                self._client.raw_insert(
+                    table, columns, insert_block=body, settings=options, fmt="JSONEachRow"
+                )
+            return
+        # INSERT ... SELECT FROM input(): the server streams the body through the SELECT, whose
+        # WHERE holds the guard; input() needs the structure of what is sent, which is the
+        # table's own types for these columns.
+        types = self._column_types(table)
+        structure = ", ".join(f"{name} {types[name]}" for name in columns)
+        names = ", ".join(columns)
+        sql = (
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM input({quote_string(structure)})"
+            f" WHERE {guard} FORMAT JSONEachRow"
+        )
         with _sink_errors():
-            self._client.raw_insert(
-                table,
-                insert_block=body,
-                settings={**settings, **self._quorum_insert, "query_id": query_id},
-                fmt="JSONEachRow",
+            self._client.command(sql, data=body, settings=options)
+
+    def _column_types(self, table: str) -> dict[str, str]:
+        if table not in self._types:
+            rows = self.select(
+                "SELECT name, type FROM system.columns"
+                f" WHERE database = currentDatabase() AND table = {quote_string(table)}"
             )
+            self._types[table] = {str(name): str(kind) for name, kind in rows}
+        return self._types[table]
 
     def close(self) -> None:
         self._client.close()
@@ -113,14 +155,25 @@ class ChdbTransport:
         return list(orjson.loads(raw)["data"]) if raw else []
 
     def insert(
-        self, table: str, body: bytes, *, query_id: str, settings: Mapping[str, str]
+        self,
+        table: str,
+        body: bytes,
+        *,
+        columns: Sequence[str],
+        query_id: str,
+        settings: Mapping[str, str],
+        guard: str | None = None,
     ) -> None:
-        # No query_id: an insert runs inside this process and cannot outlive it, so there is
-        # never an earlier run's insert to find (see ClickHouseSink.fence_earlier_runs).
-        del query_id
+        # No query_id and no guard: an insert runs inside this process and cannot outlive it,
+        # and the data directory is locked to one process, so no earlier run can be alive to
+        # fence (see ClickHouseSink.fence_earlier_runs).
+        del query_id, guard
         # Inline data is safe here: chDB ends it at a blank line, and encoded rows are one line
         # each (JSON escapes every newline inside them), joined by single newlines.
-        head = f"INSERT INTO {table} SETTINGS {_settings_clause(settings)} FORMAT JSONEachRow\n"
+        head = (
+            f"INSERT INTO {table} ({', '.join(columns)}) SETTINGS {_settings_clause(settings)}"
+            " FORMAT JSONEachRow\n"
+        )
         self._query(head + body.decode())
 
     def close(self) -> None:
@@ -146,6 +199,16 @@ def _sink_errors() -> Iterator[None]:
     except Exception as exc:
         detail = _first_line(exc)
         code = _ERROR_CODE.search(detail)
+        if code and (
+            int(code.group(1)) == _QUERY_WAS_CANCELLED
+            or (int(code.group(1)) == _THROW_IF and SUPERSEDED_MARK in detail)
+        ):
+            raise PipelineError(
+                ErrorKind.SUPERSEDED,
+                f"clickhouse refused the write: {detail}",
+                hint="a newer run of this source took the slot over and fenced this one; this"
+                " run abandons what it holds (the slot replays it) and stands by",
+            ) from exc
         if code and int(code.group(1)) in _DATA_ERROR_CODES:
             raise PipelineError(
                 ErrorKind.POISON_EVENT,

@@ -4,16 +4,25 @@ restart read that makes a replay exactly-once (docs/adr/0002-exactly-once-in-cli
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Sequence
 from itertools import count
 
-from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
+from cdc_consumer.clickhouse import SUPERSEDED_MARK, ClickHouseTransport, quote_string
 from cdc_consumer.clickhouse_cluster import on_cluster
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, dead_letter_record
+from cdc_consumer.event_log import (
+    DEAD_LETTER_COLUMNS,
+    DEAD_LETTER_TABLE,
+    EVENT_LOG_COLUMNS,
+    EVENT_LOG_TABLE,
+    dead_letter_record,
+)
 from cdc_consumer.sink import SourceIdentity, StoredPositions
 
 SOURCES_TABLE = "cdc_sources"
+RUNS_TABLE = "cdc_runs"
 # Rows written before event_log recorded its source (sql/clickhouse/0004) carry ''. They can
 # only be this deployment's own, so the restart read counts them as this source's.
 LEGACY_SOURCE = ""
@@ -64,10 +73,15 @@ RESTART_READ_SETTINGS: dict[str, str] = {
 class ClickHouseSink:
     """`EventSink` for one source (a slot of one PostgreSQL), over a transport.
 
-    Every insert carries the query id `cdc-<source>-<run>-<n>`: the source names the consumer
-    (one slot, one consumer at a time), the run is this process. That is what lets a new run
-    find inserts an earlier, killed run left executing on the server. Source names are
-    identifiers (no `-`), so one source's prefix never matches another's ids.
+    Fencing, so that no write of an earlier run lands once a new run has read what is stored:
+    - every run claims the next epoch of its source in `cdc_runs` when it starts streaming,
+      and every insert it sends carries a guard the server checks as the insert starts: the
+      source's newest epoch is still this run's. A run frozen past wal_sender_timeout (a
+      paused VM) that wakes and sends a queued batch is refused (code 395, SUPERSEDED);
+    - every insert carries the query id `cdc-<source>-<run>-<n>`, and the new run KILLs (SYNC)
+      its predecessors' inserts that are still executing, which passed their guard before
+      the claim. Source names are identifiers (no `-`), so one source's prefix never matches
+      another's ids.
     """
 
     def __init__(
@@ -79,9 +93,13 @@ class ClickHouseSink:
         self._source = source
         self._source_literal = quote_string(source)
         self._source_prefix = f"cdc-{source}-"
-        self._run_prefix = f"{self._source_prefix}{uuid.uuid4().hex}-"
+        self._run_prefix = self._new_run_prefix()
         self._inserts = count(1)
+        self._guard: str | None = None  # set once this run has claimed its epoch
         self._insert_settings: dict[str, str] | None = None
+
+    def _new_run_prefix(self) -> str:
+        return f"{self._source_prefix}{uuid.uuid4().hex}-"
 
     def _settings(self) -> dict[str, str]:
         if self._insert_settings is None:
@@ -96,23 +114,48 @@ class ClickHouseSink:
             self._insert_settings = {**INSERT_SETTINGS, **newer}
         return self._insert_settings
 
-    def _insert(self, table: str, body: bytes) -> None:
-        query_id = f"{self._run_prefix}{next(self._inserts)}"
-        self._transport.insert(table, body, query_id=query_id, settings=self._settings())
+    def _insert(self, table: str, columns: Sequence[str], body: bytes) -> None:
+        # The token makes a retry of these exact bytes a duplicate ClickHouse drops, also for
+        # the INSERT ... SELECT a guard turns the insert into (whose blocks it cannot hash).
+        token = hashlib.blake2b(body, digest_size=16).hexdigest()
+        self._transport.insert(
+            table,
+            body,
+            columns=columns,
+            query_id=f"{self._run_prefix}{next(self._inserts)}",
+            settings={**self._settings(), "insert_deduplication_token": token},
+            guard=self._guard,
+        )
 
     def write(self, rows: list[bytes]) -> None:
-        self._insert(EVENT_LOG_TABLE, b"\n".join(rows))
+        self._insert(EVENT_LOG_TABLE, EVENT_LOG_COLUMNS, b"\n".join(rows))
 
     def write_dead_letters(self, rows: list[bytes], error: str) -> None:
         records = (dead_letter_record(row, error, self._source) for row in rows)
-        self._insert(DEAD_LETTER_TABLE, b"\n".join(records))
+        self._insert(DEAD_LETTER_TABLE, DEAD_LETTER_COLUMNS, b"\n".join(records))
 
     def fence_earlier_runs(self) -> None:
         # A ClickHouse server finishes an insert whose client died once it has the whole body.
-        # If a killed run's insert were still executing, the restart read next would miss
+        # If an earlier run's insert were still executing, the restart read next would miss
         # rows that land a moment later, and the replay would send them again in a batch cut
-        # differently, which insert deduplication does not recognise. KILL ... SYNC cancels
-        # such inserts, or waits for them to finish, before it returns.
+        # differently, which insert deduplication does not recognise. The claim makes every
+        # later insert of an earlier run fail its guard; KILL ... SYNC then cancels those
+        # already past it, or waits for them to finish, before it returns. A new run prefix
+        # per claim fences this process's own inserts of an abandoned connection too.
+        self._run_prefix = self._new_run_prefix()
+        rows = self._transport.select(
+            f"SELECT max(epoch) FROM {RUNS_TABLE} WHERE source = {self._source_literal}"
+        )
+        epoch = int(rows[0][0]) + 1 if rows else 1
+        self._transport.command(
+            f"INSERT INTO {RUNS_TABLE} (source, epoch, run) VALUES"
+            f" ({self._source_literal}, {epoch}, {quote_string(self._run_prefix)})"
+        )
+        refusal = quote_string(f"{SUPERSEDED_MARK} {self._source}")
+        self._guard = (
+            f"throwIf((SELECT max(epoch) FROM {RUNS_TABLE} WHERE source = {self._source_literal})"
+            f" != {epoch}, {refusal}) = 0"
+        )
         self._transport.command(
             f"KILL QUERY{self._kill_on} WHERE startsWith(query_id, '{self._source_prefix}')"
             f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"

@@ -4,6 +4,11 @@ Inserting on a second thread lets the main loop keep decoding the next batch and
 keep answering the walsender while ClickHouse is slow or down. The queue is short, so when the
 sink falls behind the main loop stops reading the WAL (PostgreSQL keeps it) and memory stays at
 a few batches.
+
+When the source goes away, or another run takes the slot over, what is queued is abandoned
+rather than written: the slot replays it to whichever run streams next, and a run that wakes
+from a freeze must not write rows its successor is already shipping. The successor's fence
+(`EventSink.fence_earlier_runs`) refuses whatever this worker still sends.
 """
 
 from __future__ import annotations
@@ -34,15 +39,17 @@ def backoff_delay(attempt: int, cap: float) -> float:
 class SinkWorker:
     """Owns the sink. `durable_lsn` only ever holds positions whose rows the sink has accepted.
 
-    Retries use an Event wait rather than a retry library's sleep, so a shutdown interrupts the
-    backoff at once instead of after the longest wait.
+    Retries use an Event wait rather than a retry library's sleep, so a shutdown or `abandon`
+    interrupts the backoff at once instead of after the longest wait.
     """
 
     def __init__(self, sink: EventSink, *, retry_cap_seconds: float) -> None:
         self._sink = sink
         self._retry_cap = retry_cap_seconds
-        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._queue: queue.Queue[tuple[int, Batch] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._abort = threading.Event()
+        self._wake = threading.Event()  # interrupts a backoff: abort or abandon
+        self._generation = 0  # batches of an older generation were abandoned
         self._progress = threading.Event()
         self._lock = threading.Lock()
         self._durable_lsn = 0
@@ -76,10 +83,19 @@ class SinkWorker:
     def submit(self, batch: Batch, timeout: float) -> bool:
         """Queue a batch; False if the worker is still busy after `timeout` (backpressure)."""
         try:
-            self._queue.put(batch, timeout=timeout)
+            self._queue.put((self._generation, batch), timeout=timeout)
         except queue.Full:
             return False
         return True
+
+    def abandon(self) -> None:
+        """Drop what is queued and stop retrying the batch being written; forget a failure
+        that asked for this. Returns at once: an insert already on its way may still land,
+        which the next run's fence and restart read account for."""
+        with self._lock:
+            self._generation += 1
+            self._fatal = None
+        self._wake.set()
 
     def wait_progress(self, timeout: float) -> None:
         """Sleep until a batch completes or `timeout` passes."""
@@ -90,21 +106,29 @@ class SinkWorker:
         """Finish queued batches (or abandon them if `abort`) and end the thread."""
         if abort:
             self._abort.set()
+            self._wake.set()
         self._queue.put(None)
         self._thread.join()
 
+    def _current(self, generation: int) -> bool:
+        return generation == self._generation and not self._abort.is_set()
+
     def _run(self) -> None:
         while True:
-            batch = self._queue.get()
+            item = self._queue.get()
             try:
-                if batch is None:
+                if item is None:
                     return
-                if self._abort.is_set():
+                generation, batch = item
+                self._wake.clear()  # before the check: an abandon after it wakes the backoff
+                if not self._current(generation):
                     continue
-                if batch.rows and not self._deliver(batch.rows):
+                if batch.rows and not self._deliver(batch.rows, generation):
                     continue
                 self.batches_written += 1
                 with self._lock:
+                    if generation != self._generation:
+                        continue  # landed after all; the next run's restart read sees it
                     if batch.confirm_lsn is not None:
                         self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
                     if batch.commit_time is not None:
@@ -113,11 +137,14 @@ class SinkWorker:
             finally:
                 self._queue.task_done()
 
-    def _deliver(self, rows: list[bytes]) -> bool:
+    def _deliver(self, rows: list[bytes], generation: int) -> bool:
         """Write rows in order; rows ClickHouse rejects are isolated by halving the batch until
-        each bad row is alone, and that row goes to the dead-letter table. False if aborted."""
+        each bad row is alone, and that row goes to the dead-letter table. False if aborted
+        or abandoned."""
         try:
-            return self._retrying(lambda: self._sink.write(rows), what="batch", rows=rows)
+            return self._retrying(
+                lambda: self._sink.write(rows), what="batch", rows=rows, generation=generation
+            )
         except PipelineError as exc:
             error = str(exc)
             if len(rows) == 1:
@@ -130,16 +157,22 @@ class SinkWorker:
                     lambda: self._sink.write_dead_letters(rows, error),
                     what="dead letter",
                     rows=rows,
+                    generation=generation,
                 )
             log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
             middle = len(rows) // 2
-            return self._deliver(rows[:middle]) and self._deliver(rows[middle:])
+            return self._deliver(rows[:middle], generation) and self._deliver(
+                rows[middle:], generation
+            )
 
-    def _retrying(self, write: Callable[[], None], *, what: str, rows: list[bytes]) -> bool:
+    def _retrying(
+        self, write: Callable[[], None], *, what: str, rows: list[bytes], generation: int
+    ) -> bool:
         """Run `write` until it succeeds, backing off on transient failures. A poison failure is
-        raised to the caller; any other failure stops the pipeline."""
+        raised to the caller; a failure that asks to reconnect is handed to the main loop
+        without a retry; any other failure stops the pipeline."""
         attempt = 0
-        while not self._abort.is_set():
+        while self._current(generation):
             attempt += 1
             started = time.perf_counter()
             try:
@@ -148,6 +181,14 @@ class SinkWorker:
                 policy = policy_for(exc)
                 if policy is Policy.DEAD_LETTER and what == "batch":
                     raise
+                if not self._current(generation):
+                    return False  # abandoned while it was being written: the failure is moot
+                if policy is Policy.RECONNECT:
+                    with self._lock:
+                        self._generation += 1  # what is queued is not written either
+                        self._fatal = exc
+                    self._progress.set()
+                    return False
                 if policy is not Policy.RETRY:
                     self._fatal = exc
                     self._abort.set()
@@ -162,7 +203,7 @@ class SinkWorker:
                     error=str(exc),
                     hint=exc.hint,
                 )
-                self._abort.wait(delay)
+                self._wake.wait(delay)
                 continue
             self.rows_written += len(rows)
             log.info(

@@ -15,19 +15,24 @@ class ErrorKind(enum.Enum):
     TRANSIENT_SINK = "transient_sink"  # ClickHouse unreachable, timed out, overloaded
     POISON_EVENT = "poison_event"  # one row that cannot be encoded or that ClickHouse rejects
     CONFIGURATION = "configuration"  # wrong settings, missing publication, wrong schema
+    SUPERSEDED = "superseded"  # a newer run of this source owns the slot and fenced this one
 
 
 class Policy(enum.Enum):
-    RETRY = "retry"
+    RETRY = "retry"  # the same write again, after a backoff
+    # Abandon everything queued (the slot replays it from the confirmed position) and connect
+    # again, after a backoff: the source went away, or another run took the slot over.
+    RECONNECT = "reconnect"
     DEAD_LETTER = "dead_letter"
     STOP = "stop"
 
 
 _POLICY = {
-    ErrorKind.TRANSIENT_SOURCE: Policy.RETRY,
+    ErrorKind.TRANSIENT_SOURCE: Policy.RECONNECT,
     ErrorKind.TRANSIENT_SINK: Policy.RETRY,
     ErrorKind.POISON_EVENT: Policy.DEAD_LETTER,
     ErrorKind.CONFIGURATION: Policy.STOP,
+    ErrorKind.SUPERSEDED: Policy.RECONNECT,
 }
 
 

@@ -18,6 +18,22 @@ from cdc_consumer.sink import SourcePosition
 
 EVENT_LOG_TABLE = "event_log"
 DEAD_LETTER_TABLE = "event_log_dead_letter"
+# The keys of each encoded line, which the insert names (a column it does not name keeps its
+# DEFAULT, e.g. the dead-letter table's failed_at).
+EVENT_LOG_COLUMNS = (
+    "event_id",
+    "event_type",
+    "event_date_time",
+    "environment",
+    "event_context",
+    "event_context_raw",
+    "metadata_version",
+    "trace_id",
+    "source",
+    "source_lsn",
+    "source_seq",
+)
+DEAD_LETTER_COLUMNS = ("source", "source_lsn", "source_seq", "event_id", "row", "error")
 _MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
 _ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
 _ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')

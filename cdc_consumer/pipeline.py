@@ -22,7 +22,7 @@ import structlog
 from cdc_consumer import pgoutput
 from cdc_consumer.batch import Batch, BatchBuilder
 from cdc_consumer.delivery import SinkWorker, backoff_delay
-from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.event_log import EventLogEncoder
 from cdc_consumer.outbox import OUTBOX_TABLE
 from cdc_consumer.progress import ProgressRecorder, commit_time_from_pgoutput
@@ -116,16 +116,22 @@ class Pipeline:
                 self._stream_once()
                 attempt = 0
             except PipelineError as exc:
-                if policy_for(exc) is not Policy.RETRY:
+                if policy_for(exc) is Policy.STOP:
                     log.error(
                         "pipeline stopped", error=str(exc), kind=exc.kind.value, hint=exc.hint
                     )
                     self._worker.stop(abort=True)
                     return 2
+                # Whatever is queued belongs to the lost connection: the slot replays it to
+                # whichever run streams next (this one or a successor), whose fence refuses
+                # anything this worker still sends.
+                self._worker.abandon()
                 attempt += 1
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
                 log.warning(
-                    "source failed, reconnecting",
+                    "superseded, standing by"
+                    if exc.kind is ErrorKind.SUPERSEDED
+                    else "source failed, reconnecting",
                     error=str(exc),
                     hint=exc.hint,
                     attempt=attempt,
@@ -135,10 +141,7 @@ class Pipeline:
         return 0
 
     def _stream_once(self) -> None:
-        # Whatever is still queued from a previous connection lands first, so the watermark
-        # read next covers it and the replay that follows skips it.
-        self._builder.discard()
-        self._drain_worker(deadline=None)
+        self._builder.discard()  # the slot replays from its confirmed position
         stream = ReplicationStream.connect(
             self._settings.database_url.get_secret_value(),
             self._settings.cdc_slot,
@@ -281,10 +284,9 @@ class Pipeline:
         if self._worker.fatal is not None:
             raise self._worker.fatal
 
-    def _drain_worker(self, deadline: float | None) -> bool:
+    def _drain_worker(self, deadline: float) -> bool:
         while not self._worker.idle:
-            out_of_time = deadline is not None and time.monotonic() >= deadline
-            if out_of_time or (deadline is None and self._stop.requested):
+            if time.monotonic() >= deadline:
                 return False
             self._check_worker()
             self._worker.wait_progress(_POLL_SECONDS)

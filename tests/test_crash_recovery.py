@@ -235,7 +235,7 @@ def test_abandoned_insert_is_fenced_before_the_watermark_is_read(
     assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
     # WHEN more is published and the consumer restarts while that insert is still running
     _publish(pg_conn, environment, tx=1, size=10)
-    consumer.start()
+    consumer.start(streaming=False)  # its fence waits for the abandoned insert
     # and ClickHouse then finishes whatever insert is still running
     wait_for(
         lambda: faults.stats()["held_inserts"] + faults.stats()["killed_queries"] == 2,

@@ -36,6 +36,9 @@ Where it knowingly differs from a real server:
   to protocol version 0;
 - failed queries answer HTTP 500 (403 for authentication), where a real server also uses 400/404
   for some codes;
+- ``INSERT ... SELECT ... FROM input('structure') ... FORMAT fmt <data>`` reads the data from a
+  file through ``file(path, fmt, 'structure')`` in the same SELECT (chDB has no request body to
+  stream through ``input()``); the SELECT, its WHERE included, runs unchanged;
 - chDB's setting defaults are chDB's (``date_time_input_format`` is ``best_effort`` and
   ``enable_http_compression`` is 1 here), so a test relying on a default must send it;
 - ``system.processes`` inside chDB only ever shows the query asking, so the server keeps its
@@ -50,16 +53,20 @@ Responses are compressed when ``enable_http_compression`` is on and the client a
 preferring gzip, deflate, zstd, lz4 in that order, as a real server does (br aside); request
 bodies may be gzip, deflate, zstd, lz4 (concatenated frames) or br (with brotli installed).
 
-Fault hooks live under ``/_test/``, a path ClickHouse never serves: ``hold_inserts`` (INSERTs
-wait, before executing, until ``release_inserts``), ``fail_inserts?count=N[&code=C]`` (the next
-N INSERTs fail without executing), ``stats`` (JSON counters), ``wait_held?count=N&timeout=S``
-(returns once N INSERTs are being held) and ``reset``.
+Fault hooks live under ``/_test/``, a path ClickHouse never serves. They and the insert counters
+act on data inserts (a FORMAT body), not on one-line ``INSERT ... VALUES`` statements (the
+consumer's bookkeeping rows in cdc_sources and cdc_runs): ``hold_inserts`` (INSERTs
+wait, before executing, until ``release_inserts``; with ``?stage=executing`` they wait as if
+executing, which KILL QUERY cannot cancel and SYNC waits for), ``fail_inserts?count=N[&code=C]``
+(the next N INSERTs fail without executing), ``stats`` (JSON counters),
+``wait_held?count=N&timeout=S`` (returns once N INSERTs are being held) and ``reset``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import gzip
 import hmac
 import importlib
@@ -223,6 +230,43 @@ def insert_from_file(sql: bytes, path: Path) -> bytes | None:
     return sql[:pos] + b" FROM INFILE '" + quoted + b"'" + settings + b" FORMAT " + clause["fmt"]
 
 
+_VALUES = re.compile(rb"\bVALUES\b", re.IGNORECASE)
+_FORMAT_WORD = re.compile(rb"\bFORMAT\b", re.IGNORECASE)
+_WHERE = re.compile(rb"\sWHERE\s+(.+?)\s*\Z", re.IGNORECASE | re.DOTALL)
+_INPUT_FUNCTION = re.compile(rb"\binput\s*\(\s*'((?:[^'\\]|\\.)*)'\s*\)", re.IGNORECASE)
+_DATA_FORMAT = re.compile(rb"\s\bFORMAT\s+([A-Za-z0-9_]+)[ \t\f]*\r?\n?", re.IGNORECASE)
+
+
+def insert_select_from_input(sql: bytes, path: Path) -> bytes | None:
+    """`INSERT ... SELECT ... FROM file('path', fmt, 'structure') ...`, the data written to
+    `path`, for an `INSERT ... SELECT ... FROM input('structure') ... FORMAT fmt <data>`; None
+    for any other INSERT.
+
+    A real server streams the request body through input(); chDB has no request body, so the
+    same rows are read from a file with the same structure, through the same SELECT (its
+    WHERE, a guard, is evaluated as on a server: once, as the insert starts).
+    """
+    function = _INPUT_FUNCTION.search(sql)
+    if function is None:
+        return None
+    data_format = _DATA_FORMAT.search(sql, function.end())
+    if data_format is None:
+        raise ClickHouseError.of(
+            _SYNTAX_ERROR, "input() needs a FORMAT clause before its data", "SYNTAX_ERROR"
+        )
+    path.write_bytes(sql[data_format.end() :])
+    quoted = str(path).replace("\\", "\\\\").replace("'", "\\'").encode()
+    source = b"file('" + quoted + b"', '" + data_format.group(1) + b"', '" + function[1] + b"')"
+    return sql[: function.start()] + source + sql[function.end() : data_format.start()]
+
+
+def _values_insert(sql: bytes) -> bool:
+    """An `INSERT ... VALUES (...)` statement (one line: the consumer's bookkeeping rows),
+    which the fault hooks and the insert counters leave alone: they model data inserts."""
+    head = sql.split(b"\n", 1)[0]
+    return bool(_VALUES.search(head)) and not _FORMAT_WORD.search(head)
+
+
 def _insert_target_end(sql: bytes) -> int:
     """Index just past `INSERT INTO t [(cols)]`, where the grammar puts SETTINGS."""
     head = _LEADING_NOISE.match(sql)
@@ -334,6 +378,22 @@ class Engine:
                 self._database = None
             return outcome
 
+    def evaluate_guard(self, query: Query) -> Query:
+        """An `INSERT ... SELECT ... FROM input(...) WHERE <guard> FORMAT ...` with its guard
+        evaluated now (raising as the server would) and replaced by true; others unchanged."""
+        function = _INPUT_FUNCTION.search(query.sql)
+        data_format = _DATA_FORMAT.search(query.sql, function.end()) if function else None
+        if function is None or data_format is None:
+            return query
+        where = _WHERE.search(query.sql, function.end(), data_format.start())
+        if where is None:
+            return query
+        with self._lock:
+            self._use(query.database)
+            self._run(b"SELECT " + where.group(1), "TabSeparated", {})
+        sql = query.sql[: where.start(1)] + b"1" + query.sql[where.end(1) :]
+        return dataclasses.replace(query, sql=sql)
+
     def matching(self, where: bytes, query_ids: list[str]) -> list[str]:
         """The query ids for which the engine finds the KILL QUERY condition `where` true."""
         if not query_ids:
@@ -392,8 +452,8 @@ class Engine:
     def _run_insert(self, sql: bytes, fmt: str, params: dict[str, str]) -> Outcome:
         spill = self._path / f"inline-{uuid.uuid4().hex}.data"
         try:
-            from_file = insert_from_file(sql, spill)
-            return self._run(from_file or sql, fmt, params)
+            rewritten = insert_select_from_input(sql, spill) or insert_from_file(sql, spill)
+            return self._run(rewritten or sql, fmt, params)
         finally:
             spill.unlink(missing_ok=True)
 
@@ -426,6 +486,10 @@ class Faults:
 
     changed: threading.Condition = field(default_factory=threading.Condition)
     holding: bool = False
+    # "before": held inserts have not started, and KILL QUERY cancels them (code 394);
+    # "executing": they count as running, and KILL QUERY waits for them as for any insert
+    # past the point where a server can cancel it (SYNC returns once they have landed).
+    holding_stage: str = "before"
     held: int = 0
     fail_next: int = 0
     fail_code: int = _UNKNOWN_EXCEPTION
@@ -437,6 +501,7 @@ class Faults:
     last_request: dict[str, Any] = field(default_factory=dict)
     # The server's system.processes: each running query's id, and whether KILL QUERY hit it.
     running: dict[str, bool] = field(default_factory=dict)
+    waiting_kills: int = 0  # KILL QUERY ... SYNC statements waiting for their matches to end
 
     def begin(self, query_id: str) -> None:
         with self.changed:
@@ -464,9 +529,14 @@ class Faults:
                 if query_id in self.running:
                     self.running[query_id] = True
             self.changed.notify_all()
-            if sync and not self.changed.wait_for(
-                lambda: not any(q in self.running for q in query_ids), timeout
-            ):
+            self.waiting_kills += 1
+            try:
+                ended = not sync or self.changed.wait_for(
+                    lambda: not any(q in self.running for q in query_ids), timeout
+                )
+            finally:
+                self.waiting_kills -= 1
+            if not ended:
                 raise ClickHouseError.of(
                     _UNKNOWN_EXCEPTION, f"KILL QUERY SYNC timed out after {timeout} s", "TIMEOUT"
                 )
@@ -476,6 +546,10 @@ class Faults:
         with self.changed:
             self.held += 1
             self.changed.notify_all()
+            if self.holding_stage == "executing":
+                self.changed.wait_for(lambda: not self.holding)
+                self.held -= 1
+                return
             self.changed.wait_for(lambda: not self.holding or self.running[query_id])
             self.held -= 1
             if self.running[query_id]:
@@ -501,9 +575,15 @@ class Faults:
                 self.inserts += 1
                 self.rows_inserted += outcome.rows_written
 
-    def hold(self, on: bool) -> None:
+    def holds_executing(self) -> bool:
+        with self.changed:
+            return self.holding and self.holding_stage == "executing"
+
+    def hold(self, on: bool, stage: str = "before") -> None:
         with self.changed:
             self.holding = on
+            if on:
+                self.holding_stage = stage
             self.changed.notify_all()
 
     def fail(self, count: int, code: int) -> None:
@@ -531,6 +611,8 @@ class Faults:
                 "failed_inserts": self.failed_inserts,
                 "killed_queries": self.killed_queries,
                 "held_inserts": self.held,
+                "running_queries": len(self.running),
+                "waiting_kills": self.waiting_kills,
                 "pending_failures": self.fail_next,
                 "holding": self.holding,
                 "last_request": self.last_request,
@@ -607,7 +689,7 @@ class Handler(BaseHTTPRequestHandler):
         )
         engine, faults = self.server.engine, self.server.faults
         keyword = statement_keyword(sql)
-        is_insert = keyword == "INSERT"
+        is_insert = keyword == "INSERT" and not _values_insert(sql)
         encoding = self._response_encoding(query)
         seen = {
             "settings": query.settings,
@@ -622,7 +704,7 @@ class Handler(BaseHTTPRequestHandler):
                 outcome = self._kill_query(sql, query_id)
             else:
                 if is_insert:
-                    faults.admit_insert(query_id)
+                    query = self._admit_insert(query, query_id)
                 outcome = engine.execute(query)
         except ClickHouseError:
             faults.record(seen, is_insert, None)
@@ -646,6 +728,15 @@ class Handler(BaseHTTPRequestHandler):
             body = _RESPONSE_ENCODINGS[encoding](body)
             headers["Content-Encoding"] = encoding
         self._send(200, body, headers)
+
+    def _admit_insert(self, query: Query, query_id: str) -> Query:
+        faults = self.server.faults
+        if faults.holds_executing():
+            # A server evaluates an INSERT ... SELECT's WHERE as it starts: before the hold,
+            # so a guard sees the world of that moment, as on a real server.
+            query = self.server.engine.evaluate_guard(query)
+        faults.admit_insert(query_id)
+        return query
 
     def _kill_query(self, sql: bytes, own_id: str) -> Outcome:
         """KILL QUERY over the queries this server is running (see the module docstring)."""
@@ -720,7 +811,11 @@ class Handler(BaseHTTPRequestHandler):
     def _hook(self, name: str, params: dict[str, str]) -> None:
         faults = self.server.faults
         if name == "hold_inserts":
-            faults.hold(True)
+            stage = params.get("stage", "before")
+            if stage not in ("before", "executing"):
+                self._send(400, f"no stage {stage}\n".encode(), {})
+                return
+            faults.hold(True, stage)
         elif name == "release_inserts":
             faults.hold(False)
         elif name == "fail_inserts":

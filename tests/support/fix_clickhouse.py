@@ -74,9 +74,11 @@ class ClickHouseServer:
         options.update(kwargs)
         return clickhouse_connect.get_client(**options)
 
-    def hold_inserts(self) -> None:
-        """From now on every INSERT waits, before it executes, until `release_inserts()`."""
-        self._hook("POST", "hold_inserts")
+    def hold_inserts(self, *, executing: bool = False) -> None:
+        """From now on every data INSERT waits until `release_inserts()`: before it executes
+        (KILL QUERY cancels it), or with `executing` as if executing (KILL QUERY SYNC waits
+        for it to land)."""
+        self._hook("POST", "hold_inserts?stage=executing" if executing else "hold_inserts")
 
     def release_inserts(self) -> None:
         """Let held and future INSERTs run."""
