@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 
 QUEUE_DEPTH = 1  # batches waiting behind the one being written
 _BACKOFF_BASE_SECONDS = 0.2
+# Policies carried out by halving the batch until the failing rows are alone.
+_HALVING = frozenset({Policy.SPLIT, Policy.DEAD_LETTER})
 
 
 def backoff_delay(attempt: int, cap: float) -> float:
@@ -114,8 +116,9 @@ class SinkWorker:
                 self._queue.task_done()
 
     def _deliver(self, rows: list[bytes]) -> bool:
-        """Write rows in order; rows ClickHouse rejects are isolated by halving the batch until
-        each bad row is alone, and that row goes to the dead-letter table. False if aborted."""
+        """Write rows in order. A batch ClickHouse rejects, for rows it refuses or for being too
+        large, is halved and the halves written in order, recursively, until each part lands or
+        a failing row is alone; that row goes to the dead-letter table. False if aborted."""
         try:
             return self._retrying(lambda: self._sink.write(rows), what="batch", rows=rows)
         except PipelineError as exc:
@@ -131,13 +134,17 @@ class SinkWorker:
                     what="dead letter",
                     rows=rows,
                 )
-            log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
+            if policy_for(exc) is Policy.SPLIT:
+                log.warning("batch too large, halving", rows=len(rows), error=error, hint=exc.hint)
+            else:
+                log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
             middle = len(rows) // 2
             return self._deliver(rows[:middle]) and self._deliver(rows[middle:])
 
     def _retrying(self, write: Callable[[], None], *, what: str, rows: list[bytes]) -> bool:
-        """Run `write` until it succeeds, backing off on transient failures. A poison failure is
-        raised to the caller; any other failure stops the pipeline."""
+        """Run `write` until it succeeds, backing off on transient failures. A batch failure the
+        policy isolates by halving is raised to the caller; any other failure stops the
+        pipeline."""
         attempt = 0
         while not self._abort.is_set():
             attempt += 1
@@ -146,7 +153,7 @@ class SinkWorker:
                 write()
             except PipelineError as exc:
                 policy = policy_for(exc)
-                if policy is Policy.DEAD_LETTER and what == "batch":
+                if policy in _HALVING and what == "batch":
                     raise
                 if policy is not Policy.RETRY:
                     self._fatal = exc

@@ -22,8 +22,9 @@ class EventSink(Protocol):
     source position only after `write` returned. `write` either makes every row of the batch
     durable or raises; it is called again with the same batch after a failure (at-least-once),
     so a sink must tolerate a batch it has already stored. A batch the destination rejects for
-    its content raises a POISON_EVENT error; the pipeline then splits it until the bad rows are
-    alone and hands each to `write_dead_letters`, in source order. `high_watermark` returns the
+    its content raises a POISON_EVENT error, one over a size limit BATCH_TOO_LARGE; the
+    pipeline then halves it until the parts land or a failing row is alone, and hands each
+    such row to `write_dead_letters`, in source order. `high_watermark` returns the
     highest source position stored in either place, which the pipeline skips up to after a
     restart (exactly-once). `fence_earlier_runs` returns once no write of an earlier run of
     this consumer (a killed process) can still land; it is called after the slot is ours and
