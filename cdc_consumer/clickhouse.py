@@ -276,8 +276,9 @@ class EventLogEncoder:
         )
 
 
-def _dead_letter(row: bytes, error: str) -> bytes:
-    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves)."""
+def _dead_letter(row: bytes, error: str, *, minimal: bool = False) -> bytes:
+    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves); a
+    minimal one leaves the row text out: its position and event id still account for it."""
     position = _ROW_POSITION.search(row)
     event_id = _ROW_EVENT_ID.match(row)
     return orjson.dumps(
@@ -285,7 +286,7 @@ def _dead_letter(row: bytes, error: str) -> bytes:
             "source_lsn": int(position.group(1)) if position else 0,
             "source_seq": int(position.group(2)) if position else 0,
             "event_id": orjson.loads(event_id.group(1)) or "" if event_id else "",
-            "row": row.decode(errors="replace"),
+            "row": "" if minimal else row.decode(errors="replace"),
             "error": error,
         }
     )
@@ -322,8 +323,9 @@ class ClickHouseSink:
     def write(self, rows: list[bytes]) -> None:
         self._insert(EVENT_LOG_TABLE, b"\n".join(rows))
 
-    def write_dead_letters(self, rows: list[bytes], error: str) -> None:
-        self._insert(DEAD_LETTER_TABLE, b"\n".join(_dead_letter(row, error) for row in rows))
+    def write_dead_letters(self, rows: list[bytes], error: str, *, minimal: bool = False) -> None:
+        records = (_dead_letter(row, error, minimal=minimal) for row in rows)
+        self._insert(DEAD_LETTER_TABLE, b"\n".join(records))
 
     def fence_earlier_runs(self) -> None:
         # A ClickHouse server finishes an insert whose client died once it has the whole body.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from cdc_consumer.batch import Batch
-from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.sink import EventSink
 
 log = structlog.get_logger(__name__)
@@ -122,29 +122,78 @@ class SinkWorker:
         try:
             return self._retrying(lambda: self._sink.write(rows), what="batch", rows=rows)
         except PipelineError as exc:
+            policy = policy_for(exc)
+            if policy not in _HALVING:
+                return self._stop(exc)
             error = str(exc)
             if len(rows) == 1:
-                log.error(
-                    "event dead-lettered",
-                    error=error,
-                    hint="the row is in event_log_dead_letter with the ClickHouse error",
-                )
-                return self._retrying(
-                    lambda: self._sink.write_dead_letters(rows, error),
-                    what="dead letter",
-                    rows=rows,
-                )
-            if policy_for(exc) is Policy.SPLIT:
+                return self._dead_letter(rows, error)
+            if policy is Policy.SPLIT:
                 log.warning("batch too large, halving", rows=len(rows), error=error, hint=exc.hint)
             else:
                 log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
             middle = len(rows) // 2
             return self._deliver(rows[:middle]) and self._deliver(rows[middle:])
 
+    def _dead_letter(self, rows: list[bytes], error: str) -> bool:
+        """Write one row's dead-letter record. If ClickHouse refuses the record as well (too
+        large, or a data error), a minimal one without the row text still accounts for the row,
+        so the stream moves on; the row text stays in event_outbox. False if aborted."""
+        kept = True
+        try:
+            written = self._retrying(
+                lambda: self._sink.write_dead_letters(rows, error),
+                what="dead letter",
+                rows=rows,
+            )
+        except PipelineError as exc:
+            if policy_for(exc) not in _HALVING:
+                return self._stop(exc)
+            log.error(
+                "dead letter refused, storing a minimal record",
+                error=str(exc),
+                hint="the row text is left out of event_log_dead_letter; event_outbox has it",
+            )
+            kept, error = False, f"{error} (its dead-letter record was refused: {exc})"
+            try:
+                written = self._retrying(
+                    lambda: self._sink.write_dead_letters(rows, error, minimal=True),
+                    what="minimal dead letter",
+                    rows=rows,
+                )
+            except PipelineError as refused:
+                if policy_for(refused) not in _HALVING:
+                    return self._stop(refused)
+                # Nothing smaller can be written: the table or what guards it is wrong, and
+                # skipping the row would move the slot past an event stored nowhere.
+                return self._stop(
+                    PipelineError(
+                        ErrorKind.CONFIGURATION,
+                        f"event_log_dead_letter refused even a minimal record: {refused}",
+                        hint="compare event_log_dead_letter with sql/clickhouse/, check the"
+                        " consumer user's constraints and any body size limit before"
+                        " ClickHouse; the slot stays before this event",
+                    )
+                )
+        if written:
+            log.error(
+                "event dead-lettered",
+                error=error,
+                row_kept=kept,
+                hint="the event is in event_log_dead_letter with the ClickHouse error",
+            )
+        return written
+
+    def _stop(self, exc: PipelineError) -> bool:
+        """Hand a failure the policy stops on to the main loop, abandoning what is queued."""
+        self._fatal = exc
+        self._abort.set()
+        self._progress.set()
+        return False
+
     def _retrying(self, write: Callable[[], None], *, what: str, rows: list[bytes]) -> bool:
-        """Run `write` until it succeeds, backing off on transient failures. A batch failure the
-        policy isolates by halving is raised to the caller; any other failure stops the
-        pipeline."""
+        """Run `write` until it succeeds, backing off on failures the policy retries; any other
+        failure is raised to the caller. False if aborted."""
         attempt = 0
         while not self._abort.is_set():
             attempt += 1
@@ -152,14 +201,8 @@ class SinkWorker:
             try:
                 write()
             except PipelineError as exc:
-                policy = policy_for(exc)
-                if policy in _HALVING and what == "batch":
+                if policy_for(exc) is not Policy.RETRY:
                     raise
-                if policy is not Policy.RETRY:
-                    self._fatal = exc
-                    self._abort.set()
-                    self._progress.set()
-                    return False
                 delay = backoff_delay(attempt, self._retry_cap)
                 log.warning(
                     f"{what} write failed, retrying",

@@ -24,7 +24,8 @@ class EventSink(Protocol):
     so a sink must tolerate a batch it has already stored. A batch the destination rejects for
     its content raises a POISON_EVENT error, one over a size limit BATCH_TOO_LARGE; the
     pipeline then halves it until the parts land or a failing row is alone, and hands each
-    such row to `write_dead_letters`, in source order. `high_watermark` returns the
+    such row to `write_dead_letters`, in source order; if that is refused too, again with
+    `minimal=True` (position, event id and error, no row text). `high_watermark` returns the
     highest source position stored in either place, which the pipeline skips up to after a
     restart (exactly-once). `fence_earlier_runs` returns once no write of an earlier run of
     this consumer (a killed process) can still land; it is called after the slot is ours and
@@ -33,7 +34,9 @@ class EventSink(Protocol):
 
     def write(self, rows: list[bytes]) -> None: ...
 
-    def write_dead_letters(self, rows: list[bytes], error: str) -> None: ...
+    def write_dead_letters(
+        self, rows: list[bytes], error: str, *, minimal: bool = False
+    ) -> None: ...
 
     def fence_earlier_runs(self) -> None: ...
 

@@ -7,13 +7,16 @@ until they fit, and a row too large on its own is dead-lettered.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from django.db import transaction
 
+from tests.support.fix_clickhouse import ClickHouseServer
 from tests.support.fix_clickhouse import clickhouse_select as _select
-from tests.support.fix_consumer import Consumer, current_wal_lsn
+from tests.support.fix_consumer import WAIT_SECONDS, Consumer, current_wal_lsn
 from web.outbox.events import Event
 from web.outbox.publish import publish, publish_many
 
@@ -193,3 +196,109 @@ def test_row_too_large_on_its_own_is_dead_lettered_and_the_rest_delivered(
     assert "Query memory limit exceeded" in error
     assert consumer.stop() == 0
     assert len(_log_lines(consumer, "event dead-lettered")) == 1
+
+
+POISON_CONTEXT = {"a.b": 1, "a": {"b": 2}}  # "Duplicate path found" in ClickHouse's JSON type
+DEAD_LETTER_DATA_ERROR = "Cannot parse input: expected '\"' before: 'x' (dead-letter test)"
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """How the dead-letter record of an event gets refused, and the event that leads there."""
+
+    inject: Callable[[ClickHouseServer], None]
+    payload: dict[str, Any]
+    error: str  # what the stored error names
+
+
+_REFUSALS = {
+    # a proxy's body limit refuses the row in event_log and its (larger) dead-letter record
+    "too-large": _Refusal(
+        lambda faults: faults.fail_inserts_over(8 * 1024, code=0, status=413),
+        {"pad": "x" * 10_000},
+        "HTTP status 413",
+    ),
+    # ClickHouse rejects the row, then the dead-letter insert fails on its data once
+    "data-error": _Refusal(
+        lambda faults: faults.fail_inserts(
+            1, code=27, message=DEAD_LETTER_DATA_ERROR, table="event_log_dead_letter"
+        ),
+        POISON_CONTEXT,
+        "dead-letter test",
+    ),
+}
+
+
+@pytest.mark.parametrize("refusal", _REFUSALS.values(), ids=_REFUSALS)
+def test_refused_dead_letter_record_is_stored_minimal_and_the_stream_moves_on(
+    make_consumer, clickhouse_faults, pg_conn, refusal: _Refusal
+):
+    """A dead-letter record ClickHouse refuses is stored without the row text; nothing stops."""
+    # GIVEN a consumer, and ClickHouse refusing one event's row and then its dead-letter record
+    consumer = make_consumer(clickhouse_faults.url, CDC_BATCH_MAX_SECONDS="0.5")
+    consumer.migrate()
+    refusal.inject(clickhouse_faults)
+    consumer.start()
+    # WHEN a transaction holds that event between good ones
+    marker = uuid.uuid4().hex
+    events = [AuditNoted(marker=marker, payload={"n": n}) for n in range(6)]
+    events.insert(3, AuditNoted(marker=marker, payload=refusal.payload))
+    event_ids = [str(event_id) for event_id in publish_many(events)]
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    # THEN the good ones are in event_log, and the event has a dead-letter record of its
+    # position, id and errors, with the row text left out
+    assert _landed(clickhouse_faults.url, event_ids) == {
+        "event_log": (6, 6),
+        "event_log_dead_letter": (1, 1),
+    }
+    [[source_lsn, row, error]] = _select(
+        clickhouse_faults.url,
+        "SELECT source_lsn, row, error FROM event_log_dead_letter"
+        f" WHERE event_id = '{event_ids[3]}'",
+    )
+    assert row == ""
+    assert source_lsn > 0
+    assert refusal.error in error
+    assert consumer.stop() == 0
+    assert len(_log_lines(consumer, "dead letter refused, storing a minimal record")) == 1
+    assert [e["row_kept"] for e in _log_lines(consumer, "event dead-lettered")] == [False]
+
+
+def _replayable_inserts(pg_conn, consumer: Consumer) -> int:
+    """Insert messages the (inactive) slot would replay to its next consumer."""
+    [[count]] = pg_conn.execute(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
+        " 'proto_version', '1', 'publication_names', %s) WHERE get_byte(data, 0) = ascii('I')",
+        (consumer.slot, consumer.env["CDC_PUBLICATION"]),
+    ).fetchall()
+    return int(count)
+
+
+def test_dead_letter_table_refusing_even_a_minimal_record_stops_with_a_hint(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """Dead-letter inserts failing on any data: exit 2 naming the table, the slot kept there."""
+    # GIVEN a consumer, and ClickHouse failing every dead-letter insert on its data
+    consumer = make_consumer(clickhouse_faults.url)
+    consumer.migrate()
+    clickhouse_faults.fail_inserts(
+        100, code=27, message=DEAD_LETTER_DATA_ERROR, table="event_log_dead_letter"
+    )
+    consumer.start()
+    # WHEN an event ClickHouse rejects is published
+    [event_id] = publish_many([AuditNoted(marker=uuid.uuid4().hex, payload=POISON_CONTEXT)])
+    # THEN the consumer stops by itself with exit code 2, after trying the minimal record too
+    assert consumer.process is not None
+    consumer.process.wait(timeout=WAIT_SECONDS)
+    assert consumer.stop() == 2
+    assert 100 - clickhouse_faults.stats()["pending_failures"] == 2
+    [stopped] = _log_lines(consumer, "pipeline stopped")
+    assert stopped["kind"] == "configuration"
+    assert "event_log_dead_letter" in stopped["hint"]
+    assert "Traceback" not in consumer.log_text()
+    # AND the event is in neither table, and the slot still holds it for the next run
+    assert _landed(clickhouse_faults.url, [str(event_id)]) == {
+        "event_log": (0, 0),
+        "event_log_dead_letter": (0, 0),
+    }
+    assert _replayable_inserts(pg_conn, consumer) == 1
