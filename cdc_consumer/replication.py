@@ -15,6 +15,8 @@ Facts this module is built on (PostgreSQL's protocol docs and walsender source):
 - `START_REPLICATION SLOT s LOGICAL 0/0` resumes at the slot's `confirmed_flush_lsn`.
 - The walsender speaks only the simple-query protocol: commands carry no parameters, which is
   why slot and publication names are validated identifiers (see settings.py).
+- pgoutput converts text to the connection's client_encoding, which defaults to the database's
+  encoding, not UTF-8.
 """
 
 from __future__ import annotations
@@ -97,8 +99,12 @@ class ReplicationStream:
 
     @classmethod
     def connect(cls, url: str, slot: str, publication: str) -> ReplicationStream:
+        # pgoutput sends text in the connection's client_encoding, by default the database's
+        # own: asked for UTF-8, the server converts a LATIN1 (or other) database's text.
         with _source_errors("connect for replication"):
-            conn = psycopg.connect(url, autocommit=True, replication="database")
+            conn = psycopg.connect(
+                url, autocommit=True, replication="database", client_encoding="UTF8"
+            )
         return cls(conn, slot, publication)
 
     def slot_state(self) -> SlotState:
