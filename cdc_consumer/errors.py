@@ -12,6 +12,7 @@ import enum
 
 class ErrorKind(enum.Enum):
     TRANSIENT_SOURCE = "transient_source"  # PostgreSQL unreachable, restarted, slot busy
+    UNDECODABLE_SOURCE = "undecodable_source"  # a WAL message the decoder cannot read
     TRANSIENT_SINK = "transient_sink"  # ClickHouse unreachable, timed out, overloaded
     POISON_EVENT = "poison_event"  # one row that cannot be encoded or that ClickHouse rejects
     BATCH_TOO_LARGE = "batch_too_large"  # an insert over a server or proxy limit on its size
@@ -27,6 +28,9 @@ class Policy(enum.Enum):
 
 _POLICY = {
     ErrorKind.TRANSIENT_SOURCE: Policy.RETRY,
+    # The slot replays the same message to every reconnect and restart: only an operator (or
+    # a fixed decoder) can move past it, and skipping it could skip events.
+    ErrorKind.UNDECODABLE_SOURCE: Policy.STOP,
     ErrorKind.TRANSIENT_SINK: Policy.RETRY,
     ErrorKind.POISON_EVENT: Policy.DEAD_LETTER,
     # Retrying the same bytes would fail the same way forever; smaller inserts fit.

@@ -16,7 +16,7 @@ Facts this module is built on (PostgreSQL's protocol docs and walsender source):
 - The walsender speaks only the simple-query protocol: commands carry no parameters, which is
   why slot and publication names are validated identifiers (see settings.py).
 - pgoutput converts text to the connection's client_encoding, which defaults to the database's
-  encoding, not UTF-8.
+  encoding, not UTF-8; from a SQL_ASCII database it can only validate, and fails the stream.
 """
 
 from __future__ import annotations
@@ -137,6 +137,13 @@ class ReplicationStream:
                 f"replication slot {self._slot} is active for PID {state.active_pid}",
                 hint="another consumer (or a stale walsender) holds the slot; retrying",
             )
+        if self._conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+            # A SQL_ASCII database stores bytes nobody checked, and asked for UTF-8 the walsender
+            # fails on the first that is not, on every reconnect. Take them as stored instead:
+            # the pipeline handles what is not UTF-8. (No SQL runs here after this point, so
+            # psycopg's bytes-for-text on such a connection never shows.)
+            with _source_errors("keep SQL_ASCII text as stored"):
+                self._conn.execute("SET client_encoding = 'SQL_ASCII'")
         options = f"proto_version '1', publication_names '{self._publication}', messages 'true'"
         with _source_errors("start replication"):
             self._conn.execute(f"START_REPLICATION SLOT {self._slot} LOGICAL 0/0 ({options})")

@@ -8,8 +8,10 @@ bytes that are not UTF-8 reach the consumer from a real server (checked on Postg
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -88,3 +90,47 @@ def test_latin1_text_arrives_converted_to_utf8(consumer_over, clickhouse_server)
         f" WHERE event_id = '{event_id}'",
     )
     assert rows == [["café_noted", '{"city": "Zürich"}', "Zürich"]]
+
+
+def _log_lines(text: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines for `event` in a consumer's log."""
+    lines = [json.loads(raw) for raw in text.splitlines() if raw.startswith("{")]
+    return [line for line in lines if line["event"] == event]
+
+
+def _replayable(conn: psycopg.Connection[Any], consumer: Consumer, tag: str) -> int:
+    """Messages with pgoutput tag `tag` the (inactive) slot would replay to its next consumer."""
+    [[count]] = conn.execute(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
+        " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')"
+        " WHERE get_byte(data, 0) = ascii(%s)",
+        (consumer.slot, consumer.env["CDC_PUBLICATION"], tag),
+    ).fetchall()
+    return int(count)
+
+
+def test_message_the_decoder_cannot_read_stops_with_a_hint_on_every_run(consumer_over) -> None:
+    """A pgoutput message that cannot be decoded: exit 2 with a hint, each run, slot kept."""
+    # GIVEN an outbox event and, in the same commit, a logical message whose prefix is not
+    # UTF-8 ("cdc" then 0xff), in a SQL_ASCII database
+    consumer, url = consumer_over("SQL_ASCII")
+    with psycopg.connect(url) as conn:
+        conn.execute(_OUTBOX_INSERT.format(event_type="'probe'", context="'{}'"))
+        conn.execute(
+            "SELECT pg_logical_emit_message(true,"
+            " convert_from('\\x636463ff'::bytea, 'SQL_ASCII'), 'x')"
+        )
+    # WHEN the consumer runs, twice (as a supervisor restarts it)
+    runs = [consumer.cli("run") for _ in range(2)]
+    # THEN each run stops with exit code 2 and an operator hint, not a traceback
+    for run in runs:
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr
+        [stopped] = _log_lines(run.stderr, "pipeline stopped")
+        assert stopped["kind"] == "undecodable_source"
+        assert "invalid UTF-8" in stopped["error"]
+        assert f"pg_logical_slot_peek_binary_changes('{consumer.slot}'" in stopped["hint"]
+    # AND the slot was confirmed past neither the message nor the event before it (peeked
+    # without conversion: asked for UTF-8, the server would refuse to send the message)
+    with psycopg.connect(url, autocommit=True, client_encoding="SQL_ASCII") as conn:
+        assert (_replayable(conn, consumer, "I"), _replayable(conn, consumer, "M")) == (1, 1)
