@@ -52,6 +52,12 @@ _PROXY_TOO_LARGE = re.compile(r"\bHTTP status 413\b")
 _ERROR_CODE = re.compile(r"Code: (\d+)")
 _ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
 _ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
+# A row the encoder cannot make JSON of (text that is not UTF-8, as a SQL_ASCII database stores
+# it) travels in its batch as a line starting with NUL, which PostgreSQL text and JSON never
+# hold, so one scan of a batch finds it: NUL, the reason, NUL, the row with its bytes escaped.
+# The line keeps the row's place in source order; `write` refuses a batch holding one before
+# sending anything, and the halving that isolates rejected rows dead-letters it.
+_UNENCODABLE = b"\x00"
 # Integers come back as JSON numbers, so both transports return the same Python values.
 SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
 
@@ -237,6 +243,12 @@ class EventLogEncoder:
         return quoted
 
     def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        try:
+            return self._encode(values, position)
+        except UnicodeDecodeError:
+            return _unencodable(values, self._index, position)
+
+    def _encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
         event_id, event_type, date_time, environment, context, version, trace_id = (
             values[i] for i in self._index
         )
@@ -250,7 +262,7 @@ class EventLogEncoder:
         ):
             # Cannot happen with the outbox's NOT NULL, insert-only contract; if it does, the
             # row is written with JSON nulls, ClickHouse refuses it, and it is dead-lettered.
-            return _row_with_nulls(values, self._index, position)
+            return _escaped_row(values, self._index, position)
         # uuid, timestamptz and bigint text is plain ASCII without quotes or backslashes, so it
         # is spliced as is; only the free-text columns need JSON string escaping.
         return b"".join(
@@ -279,6 +291,8 @@ class EventLogEncoder:
 def _dead_letter(row: bytes, error: str, *, minimal: bool = False) -> bytes:
     """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves); a
     minimal one leaves the row text out: its position and event id still account for it."""
+    if row.startswith(_UNENCODABLE):
+        row = row[row.index(_UNENCODABLE, 1) + 1 :]  # the escaped row, without the reason
     position = _ROW_POSITION.search(row)
     event_id = _ROW_EVENT_ID.match(row)
     return orjson.dumps(
@@ -292,15 +306,34 @@ def _dead_letter(row: bytes, error: str, *, minimal: bool = False) -> bytes:
     )
 
 
-def _row_with_nulls(
+def _escaped_row(
     values: Sequence[object], index: tuple[int, ...], position: SourcePosition
 ) -> bytes:
+    """The row as JSON text, whatever it holds: NULL as null, bytes that are not UTF-8 as
+    `\\xNN` escapes, and the position last, where `_ROW_POSITION` finds it."""
     row: dict[str, object] = {}
     for name, i in zip(OUTBOX_COLUMNS, index, strict=True):
         value = values[i]
-        row[name] = value.decode(errors="replace") if isinstance(value, bytes) else None
+        row[name] = value.decode(errors="backslashreplace") if isinstance(value, bytes) else None
     row["source_lsn"], row["source_seq"] = position
     return orjson.dumps(row)
+
+
+def _unencodable(
+    values: Sequence[object], index: tuple[int, ...], position: SourcePosition
+) -> bytes:
+    """The line that stands for a row whose text is not UTF-8 (see `_UNENCODABLE`)."""
+    reason = "a column is not valid UTF-8"
+    for name, i in zip(OUTBOX_COLUMNS, index, strict=True):
+        value = values[i]
+        try:
+            if isinstance(value, bytes):
+                value.decode()
+        except UnicodeDecodeError as exc:
+            reason = f"{name} is not valid UTF-8 (byte {exc.start}: {exc.reason})"
+            break
+    escaped = _escaped_row(values, index, position)
+    return b"".join((_UNENCODABLE, reason.encode(), _UNENCODABLE, escaped))
 
 
 class ClickHouseSink:
@@ -321,7 +354,17 @@ class ClickHouseSink:
         self._transport.insert(table, body, f"{self._run_prefix}{next(self._inserts)}")
 
     def write(self, rows: list[bytes]) -> None:
-        self._insert(EVENT_LOG_TABLE, b"\n".join(rows))
+        body = b"\n".join(rows)
+        unencodable = body.find(_UNENCODABLE)
+        if unencodable >= 0:
+            reason = body[unencodable + 1 : body.index(_UNENCODABLE, unencodable + 1)]
+            raise PipelineError(
+                ErrorKind.POISON_EVENT,
+                f"the row cannot be encoded for clickhouse: {reason.decode()}",
+                hint="it is isolated into event_log_dead_letter with its bytes escaped; the"
+                " source database holds text that is not UTF-8",
+            )
+        self._insert(EVENT_LOG_TABLE, body)
 
     def write_dead_letters(self, rows: list[bytes], error: str, *, minimal: bool = False) -> None:
         records = (_dead_letter(row, error, minimal=minimal) for row in rows)

@@ -1,12 +1,18 @@
-"""The pure pieces of cdc_consumer/clickhouse.py: what a failed request means."""
+"""The pure pieces of cdc_consumer/clickhouse.py: what a failed request means, and what the
+sink makes of rows it cannot send."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from cdc_consumer.clickhouse import sink_failure
-from cdc_consumer.errors import Policy, policy_for
+from cdc_consumer.clickhouse import OUTBOX_COLUMNS, ClickHouseSink, EventLogEncoder, sink_failure
+from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.pgoutput import Column, Relation
+from cdc_consumer.sink import SourcePosition
 
 _SERVER = "Received ClickHouse exception, code: {code}, server response: Code: {code}."
 _NGINX_413 = (
@@ -63,3 +69,51 @@ def test_each_clickhouse_failure_gets_the_policy_that_can_end_it(
 ) -> None:
     """Too large splits, load on the whole server retries, rejected rows are dead-lettered."""
     assert policy_for(sink_failure(failure)) is policy
+
+
+class _RecordingTransport:
+    """A ClickHouse connection that only keeps what it is sent: the edge of the process."""
+
+    def __init__(self) -> None:
+        self.inserts: list[tuple[str, bytes]] = []
+
+    def command(self, sql: str) -> None:
+        del sql
+
+    def select(self, sql: str) -> list[list[Any]]:
+        del sql
+        return []
+
+    def insert(self, table: str, body: bytes, query_id: str) -> None:
+        del query_id
+        self.inserts.append((table, body))
+
+    def close(self) -> None:
+        pass
+
+
+def _outbox_values(event_id: bytes, event_type: bytes) -> list[bytes | None]:
+    """An outbox row as pgoutput sends it, in OUTBOX_COLUMNS order."""
+    return [event_id, event_type, b"2026-11-25 07:49:31.12345+00", b"test", b"{}", b"1", None]
+
+
+def test_a_row_whose_text_is_not_utf8_is_never_sent_and_dead_letters_escaped() -> None:
+    """Text that is not UTF-8: its batch is refused unsent; its record keeps the bytes escaped."""
+    columns = tuple(Column(0, name, 25, -1) for name in OUTBOX_COLUMNS)
+    encoder = EventLogEncoder(Relation(1, "public", "event_outbox", "d", columns))
+    good = encoder.encode(_outbox_values(b"id-1", b"noted"), SourcePosition(7, 0))
+    bad = encoder.encode(_outbox_values(b"id-2", b"not\xffed"), SourcePosition(7, 1))
+    transport = _RecordingTransport()
+    sink = ClickHouseSink(transport, slot="s")
+
+    with pytest.raises(PipelineError) as refused:
+        sink.write([good, bad])
+    sink.write_dead_letters([bad], str(refused.value))
+
+    assert policy_for(refused.value) is Policy.DEAD_LETTER
+    assert "event_type is not valid UTF-8 (byte 3" in str(refused.value)
+    [(table, body)] = transport.inserts
+    assert table == "event_log_dead_letter"
+    record = orjson.loads(body)
+    assert (record["source_lsn"], record["source_seq"], record["event_id"]) == (7, 1, "id-2")
+    assert orjson.loads(record["row"])["event_type"] == "not\\xffed"

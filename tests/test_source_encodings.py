@@ -29,6 +29,14 @@ _OUTBOX_INSERT = (
 )
 
 
+def _insert_event(conn: psycopg.Connection[Any], event_type: str, context: str) -> str:
+    """Insert an outbox row whose type and context are these SQL expressions; its event id."""
+    [[event_id]] = conn.execute(
+        _OUTBOX_INSERT.format(event_type=event_type, context=context)
+    ).fetchall()
+    return str(event_id)
+
+
 @pytest.fixture
 def make_database(postgres_url: str) -> Iterator[Callable[[str], str]]:
     """Create databases of a given encoding on the session's server; dropped afterwards."""
@@ -78,9 +86,7 @@ def test_latin1_text_arrives_converted_to_utf8(consumer_over, clickhouse_server)
     consumer.start()
     # WHEN an event with accented type and context is published there
     with psycopg.connect(url, autocommit=True) as conn:
-        [[event_id]] = conn.execute(
-            _OUTBOX_INSERT.format(event_type="'café_noted'", context='\'{"city": "Zürich"}\'')
-        ).fetchall()
+        event_id = _insert_event(conn, "'café_noted'", '\'{"city": "Zürich"}\'')
         consumer.wait_confirmed(current_wal_lsn(conn))
     assert consumer.stop() == 0
     # THEN event_log holds the text as published
@@ -115,7 +121,7 @@ def test_message_the_decoder_cannot_read_stops_with_a_hint_on_every_run(consumer
     # UTF-8 ("cdc" then 0xff), in a SQL_ASCII database
     consumer, url = consumer_over("SQL_ASCII")
     with psycopg.connect(url) as conn:
-        conn.execute(_OUTBOX_INSERT.format(event_type="'probe'", context="'{}'"))
+        _insert_event(conn, "'probe'", "'{}'")
         conn.execute(
             "SELECT pg_logical_emit_message(true,"
             " convert_from('\\x636463ff'::bytea, 'SQL_ASCII'), 'x')"
@@ -134,3 +140,44 @@ def test_message_the_decoder_cannot_read_stops_with_a_hint_on_every_run(consumer
     # without conversion: asked for UTF-8, the server would refuse to send the message)
     with psycopg.connect(url, autocommit=True, client_encoding="SQL_ASCII") as conn:
         assert (_replayable(conn, consumer, "I"), _replayable(conn, consumer, "M")) == (1, 1)
+
+
+def test_row_whose_text_is_not_utf8_is_dead_lettered_with_its_bytes_escaped(
+    consumer_over, clickhouse_server
+) -> None:
+    """Text that is not UTF-8 in an outbox row: that event is dead-lettered, the rest arrive."""
+    # GIVEN a consumer over a SQL_ASCII database
+    consumer, url = consumer_over("SQL_ASCII")
+    consumer.start()
+    # WHEN one transaction holds good events, one whose type ends in byte 0xff and one whose
+    # context holds byte 0xfe
+    bad_type = "convert_from('\\x626164ff'::bytea, 'SQL_ASCII')"
+    bad_context = "('{\"k\": \"' || convert_from('\\x63fe'::bytea, 'SQL_ASCII') || '\"}')::jsonb"
+    with psycopg.connect(url) as conn:
+        good = [_insert_event(conn, "'good'", "'{\"n\": 1}'")]
+        bad = [_insert_event(conn, bad_type, "'{}'"), _insert_event(conn, "'good'", bad_context)]
+        good.append(_insert_event(conn, "'good'", "'{\"n\": 2}'"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        consumer.wait_confirmed(current_wal_lsn(conn))
+    assert consumer.stop() == 0
+    # THEN the good events are in event_log, the others in the dead-letter table with their
+    # bytes escaped (0xff as the text \xff) and the column named
+    quoted = ",".join(f"'{event_id}'" for event_id in good + bad)
+    delivered = clickhouse_select(
+        clickhouse_server.url,
+        f"SELECT toString(event_id) FROM event_log WHERE event_id IN ({quoted})",
+    )
+    assert sorted(row[0] for row in delivered) == sorted(good)
+    dead = clickhouse_select(
+        clickhouse_server.url,
+        "SELECT event_id, JSONExtractString(row, 'event_type'),"
+        " JSONExtractString(row, 'event_context'), error FROM event_log_dead_letter"
+        f" WHERE event_id IN ({quoted}) ORDER BY source_seq",
+    )
+    assert [row[:3] for row in dead] == [
+        [bad[0], "bad\\xff", "{}"],
+        [bad[1], "good", '{"k": "c\\xfe"}'],
+    ]
+    assert "event_type is not valid UTF-8" in dead[0][3]
+    assert "event_context is not valid UTF-8" in dead[1][3]
+    assert len(_log_lines(consumer.log_text(), "event dead-lettered")) == 2
