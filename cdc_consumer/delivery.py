@@ -180,7 +180,7 @@ class SinkWorker:
                 "event dead-lettered",
                 error=error,
                 row_kept=kept,
-                hint="the event is in event_log_dead_letter with the ClickHouse error",
+                hint="the event is in event_log_dead_letter with why it was refused",
             )
         return written
 

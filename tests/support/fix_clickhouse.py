@@ -106,8 +106,9 @@ class ClickHouseServer:
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset: queries, inserts, rows_inserted, failed_inserts,
-        held_inserts (waiting right now), pending_failures, holding, and last_request (the
-        settings and encodings of the last query)."""
+        held_inserts (waiting right now), pending_failures (left of `fail_inserts`),
+        failing_inserts_over_bytes (the `fail_inserts_over` limit, or None), holding, and
+        last_request (the settings and encodings of the last query)."""
         return self._hook("GET", "stats")
 
     def reset(self) -> None:
