@@ -27,8 +27,21 @@ from cdc_consumer.clickhouse_cluster import (
 from cdc_consumer.errors import ErrorKind, PipelineError
 
 # ClickHouse error codes that mean "this data cannot go into this table", as opposed to the
-# server or the network failing: parsing, type and size errors.
-_DATA_ERROR_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 349, 376})
+# server or the network failing: parsing, type and size errors, and TOO_DEEP_RECURSION (306),
+# which one row's nesting causes, not the batch's size.
+_DATA_ERROR_CODES = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 306, 349, 376})
+# Codes that mean "this insert is too big", when the message says so: the same codes also
+# report the whole server short of memory ("(total)", "User memory limit") or merges falling
+# behind inserts ("Too many parts"), which retrying the same batch rides out and halving
+# would only make worse.
+_TOO_LARGE_WHEN = {
+    229: ("Query is too large",),  # QUERY_IS_TOO_LARGE: over max_query_size
+    241: ("Query memory limit", "Memory limit (for query)"),  # MEMORY_LIMIT_EXCEEDED, 26.x, older
+    252: ("partitions for single INSERT block",),  # TOO_MANY_PARTS: max_partitions_per_insert_block
+}
+# A proxy in front of ClickHouse refusing the body (nginx's client_max_body_size) sends no
+# ClickHouse code; clickhouse-connect reports the bare status.
+_PROXY_TOO_LARGE = re.compile(r"\bHTTP status 413\b")
 _ERROR_CODE = re.compile(r"Code: (\d+)")
 _QUERY_WAS_CANCELLED = 394  # KILL QUERY: a newer run's fence
 _THROW_IF = 395  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: with our mark, an insert guard refused
@@ -191,35 +204,49 @@ def quote_string(value: str) -> str:
 
 @contextmanager
 def _sink_errors() -> Iterator[None]:
-    """Wrap a transport failure: rejected data is a poison event, anything else transient."""
+    """Wrap a transport failure as the PipelineError `sink_failure` classifies it as."""
     try:
         yield
     except PipelineError:
         raise
     except Exception as exc:
-        detail = _first_line(exc)
-        code = _ERROR_CODE.search(detail)
-        if code and (
-            int(code.group(1)) == _QUERY_WAS_CANCELLED
-            or (int(code.group(1)) == _THROW_IF and SUPERSEDED_MARK in detail)
-        ):
-            raise PipelineError(
-                ErrorKind.SUPERSEDED,
-                f"clickhouse refused the write: {detail}",
-                hint="a newer run of this source took the slot over and fenced this one; this"
-                " run abandons what it holds (the slot replays it) and stands by",
-            ) from exc
-        if code and int(code.group(1)) in _DATA_ERROR_CODES:
-            raise PipelineError(
-                ErrorKind.POISON_EVENT,
-                f"clickhouse rejected the data: {detail}",
-                hint="the offending rows are isolated into event_log_dead_letter",
-            ) from exc
-        raise PipelineError(
-            ErrorKind.TRANSIENT_SINK,
-            f"clickhouse request failed: {type(exc).__name__}: {detail}",
-            hint="check CLICKHOUSE_URL and that ClickHouse is up; the consumer retries",
-        ) from exc
+        raise sink_failure(exc) from exc
+
+
+def sink_failure(exc: Exception) -> PipelineError:
+    """What a failed ClickHouse request means: rejected data is a poison event, an insert over
+    a size limit is too large, anything else is transient."""
+    detail = _first_line(exc)
+    match = _ERROR_CODE.search(detail)
+    code = int(match.group(1)) if match else None
+    if code == _QUERY_WAS_CANCELLED or (code == _THROW_IF and SUPERSEDED_MARK in detail):
+        return PipelineError(
+            ErrorKind.SUPERSEDED,
+            f"clickhouse refused the write: {detail}",
+            hint="a newer run of this source took the slot over and fenced this one; this"
+            " run abandons what it holds (the slot replays it) and stands by",
+        )
+    if code in _DATA_ERROR_CODES:
+        return PipelineError(
+            ErrorKind.POISON_EVENT,
+            f"clickhouse rejected the data: {detail}",
+            hint="the offending rows are isolated into event_log_dead_letter",
+        )
+    phrases = _TOO_LARGE_WHEN.get(code, ()) if code is not None else ()
+    if any(phrase in detail for phrase in phrases) or (
+        code is None and _PROXY_TOO_LARGE.search(detail)
+    ):
+        return PipelineError(
+            ErrorKind.BATCH_TOO_LARGE,
+            f"clickhouse refused an insert this large: {detail}",
+            hint="the batch is halved until it fits; lower CDC_BATCH_MAX_BYTES (or raise the"
+            " limit named here) so batches fit the first time",
+        )
+    return PipelineError(
+        ErrorKind.TRANSIENT_SINK,
+        f"clickhouse request failed: {type(exc).__name__}: {detail}",
+        hint="check CLICKHOUSE_URL and that ClickHouse is up; the consumer retries",
+    )
 
 
 def _first_line(exc: BaseException) -> str:

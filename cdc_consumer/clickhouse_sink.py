@@ -18,6 +18,7 @@ from cdc_consumer.event_log import (
     EVENT_LOG_COLUMNS,
     EVENT_LOG_TABLE,
     dead_letter_record,
+    unencodable_reason,
 )
 from cdc_consumer.sink import SourceIdentity, StoredPositions
 
@@ -128,10 +129,19 @@ class ClickHouseSink:
         )
 
     def write(self, rows: list[bytes]) -> None:
-        self._insert(EVENT_LOG_TABLE, EVENT_LOG_COLUMNS, b"\n".join(rows))
+        body = b"\n".join(rows)
+        reason = unencodable_reason(body)
+        if reason is not None:
+            raise PipelineError(
+                ErrorKind.POISON_EVENT,
+                f"the row cannot be encoded for clickhouse: {reason}",
+                hint="it is isolated into event_log_dead_letter with its bytes escaped; the"
+                " source database holds text that is not UTF-8",
+            )
+        self._insert(EVENT_LOG_TABLE, EVENT_LOG_COLUMNS, body)
 
-    def write_dead_letters(self, rows: list[bytes], error: str) -> None:
-        records = (dead_letter_record(row, error, self._source) for row in rows)
+    def write_dead_letters(self, rows: list[bytes], error: str, *, minimal: bool = False) -> None:
+        records = (dead_letter_record(row, error, self._source, minimal=minimal) for row in rows)
         self._insert(DEAD_LETTER_TABLE, DEAD_LETTER_COLUMNS, b"\n".join(records))
 
     def fence_earlier_runs(self) -> None:

@@ -22,13 +22,15 @@ from collections.abc import Callable
 import structlog
 
 from cdc_consumer.batch import Batch
-from cdc_consumer.errors import PipelineError, Policy, policy_for
+from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.sink import EventSink
 
 log = structlog.get_logger(__name__)
 
 QUEUE_DEPTH = 1  # batches waiting behind the one being written
 _BACKOFF_BASE_SECONDS = 0.2
+# Policies carried out by halving the batch until the failing rows are alone.
+_HALVING = frozenset({Policy.SPLIT, Policy.DEAD_LETTER})
 
 
 def backoff_delay(attempt: int, cap: float) -> float:
@@ -138,39 +140,103 @@ class SinkWorker:
                 self._queue.task_done()
 
     def _deliver(self, rows: list[bytes], generation: int) -> bool:
-        """Write rows in order; rows ClickHouse rejects are isolated by halving the batch until
-        each bad row is alone, and that row goes to the dead-letter table. False if aborted
-        or abandoned."""
+        """Write rows in order. A batch ClickHouse rejects, for rows it refuses or for being too
+        large, is halved and the halves written in order, recursively, until each part lands or
+        a failing row is alone; that row goes to the dead-letter table. False if aborted or
+        abandoned."""
         try:
             return self._retrying(
                 lambda: self._sink.write(rows), what="batch", rows=rows, generation=generation
             )
         except PipelineError as exc:
+            policy = policy_for(exc)
+            if policy not in _HALVING:
+                return self._give_up(exc, generation)
             error = str(exc)
             if len(rows) == 1:
-                log.error(
-                    "event dead-lettered",
-                    error=error,
-                    hint="the row is in event_log_dead_letter with the ClickHouse error",
-                )
-                return self._retrying(
-                    lambda: self._sink.write_dead_letters(rows, error),
-                    what="dead letter",
-                    rows=rows,
-                    generation=generation,
-                )
-            log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
+                return self._dead_letter(rows, error, generation)
+            if policy is Policy.SPLIT:
+                log.warning("batch too large, halving", rows=len(rows), error=error, hint=exc.hint)
+            else:
+                log.warning("batch rejected, isolating bad rows", rows=len(rows), error=error)
             middle = len(rows) // 2
             return self._deliver(rows[:middle], generation) and self._deliver(
                 rows[middle:], generation
             )
 
+    def _dead_letter(self, rows: list[bytes], error: str, generation: int) -> bool:
+        """Write one row's dead-letter record. If ClickHouse refuses the record as well (too
+        large, or a data error), a minimal one without the row text still accounts for the row,
+        so the stream moves on; the row text stays in event_outbox. False if aborted."""
+        kept = True
+        try:
+            written = self._retrying(
+                lambda: self._sink.write_dead_letters(rows, error),
+                what="dead letter",
+                rows=rows,
+                generation=generation,
+            )
+        except PipelineError as exc:
+            if policy_for(exc) not in _HALVING:
+                return self._give_up(exc, generation)
+            log.error(
+                "dead letter refused, storing a minimal record",
+                error=str(exc),
+                hint="the row text is left out of event_log_dead_letter; event_outbox has it",
+            )
+            kept, error = False, f"{error} (its dead-letter record was refused: {exc})"
+            try:
+                written = self._retrying(
+                    lambda: self._sink.write_dead_letters(rows, error, minimal=True),
+                    what="minimal dead letter",
+                    rows=rows,
+                    generation=generation,
+                )
+            except PipelineError as refused:
+                if policy_for(refused) not in _HALVING:
+                    return self._give_up(refused, generation)
+                # Nothing smaller can be written: the table or what guards it is wrong, and
+                # skipping the row would move the slot past an event stored nowhere.
+                return self._give_up(
+                    PipelineError(
+                        ErrorKind.CONFIGURATION,
+                        f"event_log_dead_letter refused even a minimal record: {refused}",
+                        hint="compare event_log_dead_letter with sql/clickhouse/, check the"
+                        " consumer user's constraints and any body size limit before"
+                        " ClickHouse; the slot stays before this event",
+                    ),
+                    generation,
+                )
+        if written:
+            log.error(
+                "event dead-lettered",
+                error=error,
+                row_kept=kept,
+                hint="the event is in event_log_dead_letter with why it was refused",
+            )
+        return written
+
+    def _give_up(self, exc: PipelineError, generation: int) -> bool:
+        """Hand a failure the write cannot get past to the main loop: one that asks to
+        reconnect abandons what is queued (the slot replays it), any other stops the worker.
+        Moot if the batch was abandoned while it was being written."""
+        if generation != self._generation:
+            return False
+        if policy_for(exc) is Policy.RECONNECT:
+            with self._lock:
+                self._generation += 1  # what is queued is not written either
+                self._fatal = exc
+        else:
+            self._fatal = exc
+            self._abort.set()
+        self._progress.set()
+        return False
+
     def _retrying(
         self, write: Callable[[], None], *, what: str, rows: list[bytes], generation: int
     ) -> bool:
-        """Run `write` until it succeeds, backing off on transient failures. A poison failure is
-        raised to the caller; a failure that asks to reconnect is handed to the main loop
-        without a retry; any other failure stops the pipeline."""
+        """Run `write` until it succeeds, backing off on failures the policy retries; any other
+        failure is raised to the caller. False if aborted or abandoned."""
         attempt = 0
         while self._current(generation):
             attempt += 1
@@ -178,22 +244,8 @@ class SinkWorker:
             try:
                 write()
             except PipelineError as exc:
-                policy = policy_for(exc)
-                if policy is Policy.DEAD_LETTER and what == "batch":
+                if policy_for(exc) is not Policy.RETRY:
                     raise
-                if not self._current(generation):
-                    return False  # abandoned while it was being written: the failure is moot
-                if policy is Policy.RECONNECT:
-                    with self._lock:
-                        self._generation += 1  # what is queued is not written either
-                        self._fatal = exc
-                    self._progress.set()
-                    return False
-                if policy is not Policy.RETRY:
-                    self._fatal = exc
-                    self._abort.set()
-                    self._progress.set()
-                    return False
                 delay = backoff_delay(attempt, self._retry_cap)
                 log.warning(
                     f"{what} write failed, retrying",

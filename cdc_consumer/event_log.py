@@ -37,6 +37,12 @@ DEAD_LETTER_COLUMNS = ("source", "source_lsn", "source_seq", "event_id", "row", 
 _MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
 _ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
 _ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
+# A row the encoder cannot make JSON of (text that is not UTF-8, as a SQL_ASCII database stores
+# it) travels in its batch as a line starting with NUL, which PostgreSQL text and JSON never
+# hold, so one scan of a batch finds it: NUL, the reason, NUL, the row with its bytes escaped.
+# The line keeps the row's place in source order; the sink refuses a batch holding one before
+# sending anything, and the halving that isolates rejected rows dead-letters it.
+UNENCODABLE = b"\x00"
 
 
 class EventLogEncoder:
@@ -73,6 +79,12 @@ class EventLogEncoder:
         return quoted
 
     def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        try:
+            return self._encode(values, position)
+        except UnicodeDecodeError:
+            return self._unencodable(values, position)
+
+    def _encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
         event_id, event_type, date_time, environment, context, version, trace_id = (
             values[i] for i in self._index
         )
@@ -86,7 +98,7 @@ class EventLogEncoder:
         ):
             # Cannot happen with the outbox's NOT NULL, insert-only contract; if it does, the
             # row is written with JSON nulls, ClickHouse refuses it, and it is dead-lettered.
-            return self._row_with_nulls(values, position)
+            return self._escaped_row(values, position)
         # uuid, timestamptz and bigint text is plain ASCII without quotes or backslashes, so it
         # is spliced as is; only the free-text columns need JSON string escaping.
         return b"".join(
@@ -111,18 +123,47 @@ class EventLogEncoder:
             )
         )
 
-    def _row_with_nulls(self, values: Sequence[object], position: SourcePosition) -> bytes:
+    def _escaped_row(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        """The row as JSON text, whatever it holds: NULL as null, bytes that are not UTF-8 as
+        `\\xNN` escapes, and the position last, where `_ROW_POSITION` finds it."""
         row: dict[str, object] = {}
         for name, i in zip(OUTBOX_COLUMNS, self._index, strict=True):
             value = values[i]
-            row[name] = value.decode(errors="replace") if isinstance(value, bytes) else None
+            row[name] = (
+                value.decode(errors="backslashreplace") if isinstance(value, bytes) else None
+            )
         row["source"] = self._source
         row["source_lsn"], row["source_seq"] = position
         return orjson.dumps(row)
 
+    def _unencodable(self, values: Sequence[object], position: SourcePosition) -> bytes:
+        """The line that stands for a row whose text is not UTF-8 (see `UNENCODABLE`)."""
+        reason = "a column is not valid UTF-8"
+        for name, i in zip(OUTBOX_COLUMNS, self._index, strict=True):
+            value = values[i]
+            try:
+                if isinstance(value, bytes):
+                    value.decode()
+            except UnicodeDecodeError as exc:
+                reason = f"{name} is not valid UTF-8 (byte {exc.start}: {exc.reason})"
+                break
+        escaped = self._escaped_row(values, position)
+        return b"".join((UNENCODABLE, reason.encode(), UNENCODABLE, escaped))
 
-def dead_letter_record(row: bytes, error: str, source: str) -> bytes:
-    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves)."""
+
+def unencodable_reason(body: bytes) -> str | None:
+    """Why a batch cannot be sent, if it holds a row the encoder could not make JSON of."""
+    start = body.find(UNENCODABLE)
+    if start < 0:
+        return None
+    return body[start + 1 : body.index(UNENCODABLE, start + 1)].decode()
+
+
+def dead_letter_record(row: bytes, error: str, source: str, *, minimal: bool = False) -> bytes:
+    """The dead-letter record of an encoded event_log row (whose tail we wrote ourselves); a
+    minimal one leaves the row text out: its position and event id still account for it."""
+    if row.startswith(UNENCODABLE):
+        row = row[row.index(UNENCODABLE, 1) + 1 :]  # the escaped row, without the reason
     position = _ROW_POSITION.search(row)
     event_id = _ROW_EVENT_ID.match(row)
     return orjson.dumps(
@@ -131,7 +172,7 @@ def dead_letter_record(row: bytes, error: str, source: str) -> bytes:
             "source_lsn": int(position.group(1)) if position else 0,
             "source_seq": int(position.group(2)) if position else 0,
             "event_id": orjson.loads(event_id.group(1)) or "" if event_id else "",
-            "row": row.decode(errors="replace"),
+            "row": "" if minimal else row.decode(errors="replace"),
             "error": error,
         }
     )

@@ -93,6 +93,21 @@ class _Session:
     encoders: dict[int, EventLogEncoder | None] = field(default_factory=dict)
 
 
+def _undecodable(
+    exc: pgoutput.PgoutputError, wal_start: int, settings: ConsumerSettings
+) -> PipelineError:
+    """A message the decoder cannot read, with how an operator looks at it."""
+    return PipelineError(
+        ErrorKind.UNDECODABLE_SOURCE,
+        f"cannot decode the pgoutput message at {pgoutput.lsn_to_str(wal_start)}: {exc}",
+        hint="the slot stays before it; with the consumer stopped, read it with SELECT * FROM"
+        f" pg_logical_slot_peek_binary_changes('{settings.cdc_slot}', NULL, 10,"
+        f" 'proto_version', '1', 'publication_names', '{settings.cdc_publication}',"
+        " 'messages', 'true'); a relation name or message prefix that is not UTF-8 (a"
+        " SQL_ASCII database) or a server speaking a newer protocol are the usual causes",
+    )
+
+
 class Pipeline:
     def __init__(self, settings: ConsumerSettings, sink: EventSink, stop: StopRequest) -> None:
         self._settings = settings
@@ -216,7 +231,11 @@ class Pipeline:
                     if message.reply_requested:
                         self._report(s, due_every=0)
                 else:
-                    self._handle(s, pgoutput.decode(message.payload))
+                    try:
+                        decoded = pgoutput.decode(message.payload)
+                    except pgoutput.PgoutputError as exc:
+                        raise _undecodable(exc, message.wal_start, self._settings) from exc
+                    self._handle(s, decoded)
             batch = self._builder.due()
             if batch is not None:
                 self._submit(s, batch)

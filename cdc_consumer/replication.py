@@ -15,6 +15,8 @@ Facts this module is built on (PostgreSQL's protocol docs and walsender source):
 - `START_REPLICATION SLOT s LOGICAL 0/0` resumes at the slot's `confirmed_flush_lsn`.
 - The walsender speaks only the simple-query protocol: commands carry no parameters, which is
   why slot and publication names are validated identifiers (see settings.py).
+- pgoutput converts text to the connection's client_encoding, which defaults to the database's
+  encoding, not UTF-8; from a SQL_ASCII database it can only validate, and fails the stream.
 """
 
 from __future__ import annotations
@@ -98,8 +100,12 @@ class ReplicationStream:
 
     @classmethod
     def connect(cls, url: str, slot: str, publication: str) -> ReplicationStream:
+        # pgoutput sends text in the connection's client_encoding, by default the database's
+        # own: asked for UTF-8, the server converts a LATIN1 (or other) database's text.
         with _source_errors("connect for replication"):
-            conn = psycopg.connect(url, autocommit=True, replication="database")
+            conn = psycopg.connect(
+                url, autocommit=True, replication="database", client_encoding="UTF8"
+            )
         return cls(conn, slot, publication)
 
     def slot_state(self) -> SlotState:
@@ -133,6 +139,13 @@ class ReplicationStream:
                 f"replication slot {self._slot} is active for PID {state.active_pid}",
                 hint="another consumer (or a stale walsender) holds the slot; retrying",
             )
+        if self._conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+            # A SQL_ASCII database stores bytes nobody checked, and asked for UTF-8 the walsender
+            # fails on the first that is not, on every reconnect. Take them as stored instead:
+            # the pipeline handles what is not UTF-8. (No SQL runs here after this point, so
+            # psycopg's bytes-for-text on such a connection never shows.)
+            with _source_errors("keep SQL_ASCII text as stored"):
+                self._conn.execute("SET client_encoding = 'SQL_ASCII'")
         options = f"proto_version '1', publication_names '{self._publication}', messages 'true'"
         with _source_errors("start replication"):
             self._conn.execute(f"START_REPLICATION SLOT {self._slot} LOGICAL 0/0 ({options})")

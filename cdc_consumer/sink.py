@@ -65,8 +65,10 @@ class EventSink(Protocol):
     source position only after `write` returned. `write` either makes every row of the batch
     durable or raises; it is called again with the same batch after a failure (at-least-once),
     so a sink must tolerate a batch it has already stored, wholly or in part. A batch the
-    destination rejects for its content raises a POISON_EVENT error; the pipeline then splits
-    it until the bad rows are alone and hands each to `write_dead_letters`, in source order.
+    destination rejects for its content raises a POISON_EVENT error, one over a size limit
+    BATCH_TOO_LARGE; the pipeline then halves it until the parts land or a failing row is
+    alone, and hands each such row to `write_dead_letters`, in source order; if that is refused
+    too, again with `minimal=True` (position, event id and error, no row text).
 
     On every (re)start, once the slot is ours: `fence_earlier_runs` returns once no write of an
     earlier run of this source (a killed process) can still land; `check_source` refuses a
@@ -77,7 +79,9 @@ class EventSink(Protocol):
 
     def write(self, rows: list[bytes]) -> None: ...
 
-    def write_dead_letters(self, rows: list[bytes], error: str) -> None: ...
+    def write_dead_letters(
+        self, rows: list[bytes], error: str, *, minimal: bool = False
+    ) -> None: ...
 
     def fence_earlier_runs(self) -> None: ...
 

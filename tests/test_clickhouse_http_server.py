@@ -289,3 +289,59 @@ def test_binary_insert_holding_a_blank_line_arrives_whole(client: Any) -> None:
     assert sorted(map(tuple, stored)) == sorted(
         [*map(tuple, rows), (uuid.UUID(bytes=b"\n\n" * 8), "a\n\nb"), (uuid.UUID(int=0), "")]
     )
+
+
+def test_fail_inserts_with_code_0_answers_as_a_proxy_with_a_bare_status(
+    clickhouse_faults: ClickHouseServer, client: Any, table: str
+) -> None:
+    """fail_inserts(code=0, status=413) answers like a proxy: that status, no ClickHouse code."""
+    clickhouse_faults.fail_inserts(1, code=0, status=413)
+
+    with pytest.raises(DatabaseError, match="HTTP status 413") as failure:
+        client.raw_insert(table, insert_block=_row(1), fmt="JSONEachRow")
+    client.raw_insert(table, insert_block=_row(2), fmt="JSONEachRow")
+
+    assert failure.value.code is None
+    assert "Request Entity Too Large" in str(failure.value)
+    assert "DB::Exception" not in str(failure.value)
+    assert client.command(f"SELECT groupArray(id) FROM {table}") == "[2]"
+
+
+def test_fail_inserts_can_carry_a_message_and_spare_other_tables(
+    clickhouse_faults: ClickHouseServer, client: Any, table: str
+) -> None:
+    """fail_inserts(table=...) fails only INSERTs into that table, with the message given."""
+    other = f"{table}_other"
+    client.command(f"CREATE TABLE {other} AS {table}")
+    try:
+        clickhouse_faults.fail_inserts(1, code=27, message="Cannot parse input", table=other)
+
+        client.raw_insert(table, insert_block=_row(1), fmt="JSONEachRow")
+        with pytest.raises(DatabaseError, match="Cannot parse input") as failure:
+            client.raw_insert(other, insert_block=_row(2), fmt="JSONEachRow")
+        client.raw_insert(other, insert_block=_row(3), fmt="JSONEachRow")
+
+        assert failure.value.code == 27
+        assert client.command(f"SELECT groupArray(id) FROM {other}") == "[3]"
+    finally:
+        client.command(f"DROP TABLE IF EXISTS {other}")
+    assert client.command(f"SELECT groupArray(id) FROM {table}") == "[1]"
+
+
+def test_fail_inserts_over_fails_every_body_above_the_limit_until_reset(
+    clickhouse_faults: ClickHouseServer, client: Any, table: str
+) -> None:
+    """fail_inserts_over(N) fails each INSERT whose body exceeds N bytes; smaller ones run."""
+    small, large = _row(1), b"".join(_row(n) for n in range(2, 7))
+    # clickhouse-connect sends the INSERT statement (under 100 bytes) ahead of the rows
+    clickhouse_faults.fail_inserts_over(len(small) + 100, code=241, message="Query memory limit")
+
+    client.raw_insert(table, insert_block=small, fmt="JSONEachRow")
+    for _attempt in range(2):
+        with pytest.raises(DatabaseError, match="Query memory limit") as failure:
+            client.raw_insert(table, insert_block=large, fmt="JSONEachRow")
+        assert failure.value.code == 241
+    clickhouse_faults.reset()
+    client.raw_insert(table, insert_block=large, fmt="JSONEachRow")
+
+    assert client.command(f"SELECT arraySort(groupArray(id)) FROM {table}") == "[1,2,3,4,5,6]"

@@ -55,11 +55,22 @@ bodies may be gzip, deflate, zstd, lz4 (concatenated frames) or br (with brotli 
 
 Fault hooks live under ``/_test/``, a path ClickHouse never serves. They and the insert counters
 act on data inserts (a FORMAT body), not on one-line ``INSERT ... VALUES`` statements (the
-consumer's bookkeeping rows in cdc_sources and cdc_runs): ``hold_inserts`` (INSERTs
-wait, before executing, until ``release_inserts``; with ``?stage=executing`` they wait as if
-executing, which KILL QUERY cannot cancel and SYNC waits for), ``fail_inserts?count=N[&code=C]``
-(the next N INSERTs fail without executing), ``stats`` (JSON counters),
-``wait_held?count=N&timeout=S`` (returns once N INSERTs are being held) and ``reset``.
+consumer's bookkeeping rows in cdc_sources and cdc_runs):
+
+- ``hold_inserts``: INSERTs wait, before executing, until ``release_inserts``; with
+  ``?stage=executing`` they wait as if executing, which KILL QUERY cannot cancel and SYNC
+  waits for;
+- ``fail_inserts?count=N[&code=C][&status=S][&message=M][&table=T]``: the next N INSERTs (into
+  table T only, if given) fail without executing, with ClickHouse error C (default 1002) and
+  message M under HTTP status S (default 500); ``code=0`` answers as a proxy in front of the
+  server would (nginx's HTML page for status S, no ``X-ClickHouse-Exception-Code``), e.g.
+  ``code=0&status=413`` for a proxy's body size limit;
+- ``fail_inserts_over?bytes=N[&code=C][&status=S][&message=M][&table=T]``: until ``reset``,
+  every INSERT whose request body (as sent, before any decompression) exceeds N bytes fails
+  the same way; the one limit that smaller inserts fit under, as a proxy's body limit or a
+  server's memory limit behaves;
+- ``stats`` (JSON counters), ``wait_held?count=N&timeout=S`` (returns once N INSERTs are being
+  held) and ``reset`` (counters zeroed, every fault cleared, held INSERTs released).
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ import base64
 import dataclasses
 import gzip
 import hmac
+import http
 import importlib
 import json
 import re
@@ -96,6 +108,7 @@ _AUTHENTICATION_FAILED = 516
 _NOT_IMPLEMENTED = 48
 _QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING = 216
 _QUERY_WAS_CANCELLED = 394
+_NO_CLICKHOUSE_CODE = 0  # an injected failure answered by "a proxy", not by ClickHouse
 _KILL_QUERY = re.compile(
     rb"^\s*KILL\s+QUERY\s+WHERE\s+(?P<where>.+?)(?:\s+(?P<mode>SYNC|ASYNC|TEST))?\s*;?\s*\Z",
     re.IGNORECASE | re.DOTALL,
@@ -173,6 +186,17 @@ class ClickHouseError(Exception):
         text = str(exc).strip()
         match = _ERROR_CODE.match(text)
         return cls(int(match.group(1)) if match else _UNKNOWN_EXCEPTION, text)
+
+    @classmethod
+    def from_proxy(cls, status: int) -> ClickHouseError:
+        """What a reverse proxy answers when it refuses a request itself (nginx's page)."""
+        title = f"{status} {http.HTTPStatus(status).phrase}"
+        page = (
+            f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+            f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+            "</body>\r\n</html>\r\n"
+        )
+        return cls(_NO_CLICKHOUSE_CODE, page, status)
 
     def syntax_error_from(self, offset: int) -> bool:
         """A syntax error at or after byte `offset`, i.e. in text this server appended."""
@@ -265,6 +289,19 @@ def _values_insert(sql: bytes) -> bool:
     which the fault hooks and the insert counters leave alone: they model data inserts."""
     head = sql.split(b"\n", 1)[0]
     return bool(_VALUES.search(head)) and not _FORMAT_WORD.search(head)
+
+
+def insert_table(sql: bytes) -> str:
+    """The table an INSERT writes to, without database or quotes ('' for INSERT INTO FUNCTION)."""
+    head = _LEADING_NOISE.match(sql)
+    into = _INSERT_INTO.match(sql, head.end() if head else 0)
+    if into is None or _FUNCTION_NAME.match(sql, into.end()):
+        return ""
+    name = _QUALIFIED_NAME.match(sql, into.end())
+    if name is None:
+        return ""
+    last = re.split(rb"\s*\.\s*", name.group(0))[-1]
+    return last.strip(b'`"').decode(errors="replace")
 
 
 def _insert_target_end(sql: bytes) -> int:
@@ -480,6 +517,34 @@ class Engine:
 # --- fault hooks and counters --------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class InjectedFailure:
+    """How an injected INSERT failure answers, and which INSERTs it applies to."""
+
+    code: int = _UNKNOWN_EXCEPTION  # _NO_CLICKHOUSE_CODE: answered by "a proxy"
+    status: int = 500
+    message: str = ""
+    table: str = ""  # '' for every table
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> InjectedFailure:
+        return cls(
+            code=int(params.get("code") or _UNKNOWN_EXCEPTION),
+            status=int(params.get("status") or 500),
+            message=params.get("message", ""),
+            table=params.get("table", ""),
+        )
+
+    def applies_to(self, table: str) -> bool:
+        return not self.table or self.table == table
+
+    def error(self, hook: str) -> ClickHouseError:
+        if self.code == _NO_CLICKHOUSE_CODE:
+            return ClickHouseError.from_proxy(self.status)
+        message = self.message or f"insert failed on purpose (test server {hook} hook)"
+        return ClickHouseError.of(self.code, message, "INJECTED_FAILURE", self.status)
+
+
 @dataclass
 class Faults:
     """What tests inject and observe; every field is guarded by `changed`."""
@@ -492,7 +557,9 @@ class Faults:
     holding_stage: str = "before"
     held: int = 0
     fail_next: int = 0
-    fail_code: int = _UNKNOWN_EXCEPTION
+    fail_next_with: InjectedFailure = field(default_factory=InjectedFailure)
+    fail_over_bytes: int | None = None
+    fail_over_with: InjectedFailure = field(default_factory=InjectedFailure)
     queries: int = 0
     inserts: int = 0
     rows_inserted: int = 0
@@ -541,7 +608,7 @@ class Faults:
                     _UNKNOWN_EXCEPTION, f"KILL QUERY SYNC timed out after {timeout} s", "TIMEOUT"
                 )
 
-    def admit_insert(self, query_id: str) -> None:
+    def admit_insert(self, query_id: str, table: str, body_bytes: int) -> None:
         """Wait while inserts are held, then raise the injected failure if one is due."""
         with self.changed:
             self.held += 1
@@ -557,13 +624,12 @@ class Faults:
                 raise ClickHouseError.of(
                     _QUERY_WAS_CANCELLED, "Query was cancelled.", "QUERY_WAS_CANCELLED"
                 )
-            if self.fail_next > 0:
+            if self.fail_next > 0 and self.fail_next_with.applies_to(table):
                 self.fail_next -= 1
-                raise ClickHouseError.of(
-                    self.fail_code,
-                    "insert failed on purpose (test server fail_inserts hook)",
-                    "INJECTED_FAILURE",
-                )
+                raise self.fail_next_with.error("fail_inserts")
+            over = self.fail_over_bytes
+            if over is not None and body_bytes > over and self.fail_over_with.applies_to(table):
+                raise self.fail_over_with.error("fail_inserts_over")
 
     def record(self, request: dict[str, Any], is_insert: bool, outcome: Outcome | None) -> None:
         with self.changed:
@@ -586,14 +652,19 @@ class Faults:
                 self.holding_stage = stage
             self.changed.notify_all()
 
-    def fail(self, count: int, code: int) -> None:
+    def fail(self, count: int, failure: InjectedFailure) -> None:
         with self.changed:
-            self.fail_next, self.fail_code = count, code
+            self.fail_next, self.fail_next_with = count, failure
+
+    def fail_over(self, size: int, failure: InjectedFailure) -> None:
+        with self.changed:
+            self.fail_over_bytes, self.fail_over_with = size, failure
 
     def reset(self) -> None:
         with self.changed:
             self.holding = False
             self.fail_next = self.queries = self.inserts = 0
+            self.fail_over_bytes = None
             self.rows_inserted = self.failed_inserts = self.killed_queries = 0
             self.last_request = {}
             self.changed.notify_all()
@@ -614,6 +685,7 @@ class Faults:
                 "running_queries": len(self.running),
                 "waiting_kills": self.waiting_kills,
                 "pending_failures": self.fail_next,
+                "failing_inserts_over_bytes": self.fail_over_bytes,
                 "holding": self.holding,
                 "last_request": self.last_request,
             }
@@ -704,7 +776,7 @@ class Handler(BaseHTTPRequestHandler):
                 outcome = self._kill_query(sql, query_id)
             else:
                 if is_insert:
-                    query = self._admit_insert(query, query_id)
+                    query = self._admit_insert(query, query_id, len(body))
                 outcome = engine.execute(query)
         except ClickHouseError:
             faults.record(seen, is_insert, None)
@@ -729,13 +801,13 @@ class Handler(BaseHTTPRequestHandler):
             headers["Content-Encoding"] = encoding
         self._send(200, body, headers)
 
-    def _admit_insert(self, query: Query, query_id: str) -> Query:
+    def _admit_insert(self, query: Query, query_id: str, body_bytes: int) -> Query:
         faults = self.server.faults
         if faults.holds_executing():
             # A server evaluates an INSERT ... SELECT's WHERE as it starts: before the hold,
             # so a guard sees the world of that moment, as on a real server.
             query = self.server.engine.evaluate_guard(query)
-        faults.admit_insert(query_id)
+        faults.admit_insert(query_id, insert_table(query.sql), body_bytes)
         return query
 
     def _kill_query(self, sql: bytes, own_id: str) -> Outcome:
@@ -819,7 +891,9 @@ class Handler(BaseHTTPRequestHandler):
         elif name == "release_inserts":
             faults.hold(False)
         elif name == "fail_inserts":
-            faults.fail(int(params.get("count", "1")), int(params.get("code", _UNKNOWN_EXCEPTION)))
+            faults.fail(int(params.get("count", "1")), InjectedFailure.from_params(params))
+        elif name == "fail_inserts_over":
+            faults.fail_over(int(params["bytes"]), InjectedFailure.from_params(params))
         elif name == "reset":
             faults.reset()
         elif name == "wait_held":
@@ -836,6 +910,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
     def _send_error(self, exc: ClickHouseError, query_id: str) -> None:
+        if exc.code == _NO_CLICKHOUSE_CODE:
+            self._send(exc.status, exc.text.encode(), {"Content-Type": "text/html"})
+            return
         text = exc.text
         if "(version " not in text:
             text = f"{text} (version {self.server.engine.version})"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.error import HTTPError
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 from urllib.request import ProxyHandler, Request, build_opener
 
 import pytest
@@ -84,18 +84,37 @@ class ClickHouseServer:
         """Let held and future INSERTs run."""
         self._hook("POST", "release_inserts")
 
-    def fail_inserts(self, count: int, code: int = 1002) -> None:
-        """The next `count` INSERTs fail with ClickHouse error `code`, without executing."""
-        self._hook("POST", f"fail_inserts?count={count}&code={code}")
+    def fail_inserts(
+        self, count: int, code: int = 1002, *, status: int = 500, message: str = "", table: str = ""
+    ) -> None:
+        """The next `count` INSERTs (into `table`, if given) fail without executing: with
+        ClickHouse error `code` and `message`, or, with code 0, as a proxy refuses a request
+        (HTTP `status` and an HTML body, no ClickHouse code)."""
+        query = urlencode(
+            {"count": count, "code": code, "status": status, "message": message, "table": table}
+        )
+        self._hook("POST", f"fail_inserts?{query}")
+
+    def fail_inserts_over(
+        self, size: int, code: int = 1002, *, status: int = 500, message: str = "", table: str = ""
+    ) -> None:
+        """Until `reset()`, every INSERT (into `table`, if given) whose request body exceeds
+        `size` bytes fails without executing, answered as `fail_inserts` describes: a body
+        limit of a proxy (code 0, status 413) or a server limit an insert can fit under."""
+        query = urlencode(
+            {"bytes": size, "code": code, "status": status, "message": message, "table": table}
+        )
+        self._hook("POST", f"fail_inserts_over?{query}")
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset: queries, inserts, rows_inserted, failed_inserts,
-        held_inserts (waiting right now), pending_failures, holding, and last_request (the
-        settings and encodings of the last query)."""
+        held_inserts (waiting right now), pending_failures (left of `fail_inserts`),
+        failing_inserts_over_bytes (the `fail_inserts_over` limit, or None), holding, and
+        last_request (the settings and encodings of the last query)."""
         return self._hook("GET", "stats")
 
     def reset(self) -> None:
-        """Zero the counters, drop pending failures and release held inserts."""
+        """Zero the counters, drop pending and size-triggered failures, release held inserts."""
         self._hook("POST", "reset")
 
     def wait_for_held_inserts(self, count: int = 1, timeout: float = 10.0) -> dict[str, Any]:

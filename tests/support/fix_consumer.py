@@ -169,14 +169,17 @@ class Consumer:
 
 @pytest.fixture
 def make_consumer(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., Consumer]]:
-    """Build consumers for a ClickHouse URL, each with its own slot; dropped after the test."""
+    """Build consumers for a ClickHouse URL, each with its own slot; dropped after the test.
+    `database_url` names another database of the session's server (default: its own)."""
     made: list[Consumer] = []
 
-    def make(clickhouse_url: str, **overrides: str) -> Consumer:
+    def make(
+        clickhouse_url: str, *, database_url: str = postgres_url, **overrides: str
+    ) -> Consumer:
         name = f"t{uuid.uuid4().hex[:10]}"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("CDC_", "PYTEST_"))},
-            "DATABASE_URL": postgres_url,
+            "DATABASE_URL": database_url,
             "CLICKHOUSE_URL": clickhouse_url,
             "CDC_SLOT": f"{name}_slot",
             "CDC_PUBLICATION": f"{name}_pub",
@@ -187,7 +190,7 @@ def make_consumer(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., C
             "LOG_LEVEL": "info",
             **overrides,
         }
-        consumer = Consumer(env=env, log_path=tmp_path / f"{name}.log", postgres_url=postgres_url)
+        consumer = Consumer(env=env, log_path=tmp_path / f"{name}.log", postgres_url=database_url)
         made.append(consumer)
         return consumer
 
