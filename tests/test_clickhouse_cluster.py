@@ -298,6 +298,7 @@ def test_fence_of_earlier_runs_is_sent_on_cluster(tmp_path):
     DDL (chDB has none and says so); without one it runs on the server itself."""
     transport = ChdbTransport(str(tmp_path / "ch"))
     try:
+        migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
         ClickHouseSink(transport, source="cluster_fence").fence_earlier_runs()
         clustered = ClickHouseSink(transport, source="cluster_fence", cluster=CLUSTER)
         with pytest.raises(PipelineError, match=r"Code: 392\..*Replicated DDL"):
