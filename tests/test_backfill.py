@@ -24,7 +24,7 @@ def _counts(clickhouse_url: str, ids: list[str]) -> tuple[int, int, int]:
 
 
 def test_backfill_after_a_dropped_slot_delivers_the_gap_once(
-    make_consumer, clickhouse_server, pg_conn
+    merges_stopped, make_consumer, clickhouse_server, pg_conn
 ):
     """Shipped, then the slot is dropped and events land in the gap; backfill ships the gap and
     skips what was there, the consumer streams what follows: every event once, without FINAL."""
@@ -88,7 +88,7 @@ def _invalidate(pg_conn, slot: str) -> None:
 
 
 def test_slot_invalidated_by_postgres_is_critical_and_backfill_recovers(
-    make_consumer, clickhouse_server, pg_conn, slot_wal_limit
+    merges_stopped, make_consumer, clickhouse_server, pg_conn, slot_wal_limit
 ):
     """PostgreSQL gives up a slot past max_slot_wal_keep_size: `status` is critical naming
     wal_status lost; backfill drops and recreates it and ships the gap, each event once."""

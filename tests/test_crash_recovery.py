@@ -156,7 +156,9 @@ def _kill_at(moment: str, consumer: Consumer, faults: ClickHouseServer, rng: ran
         pytest.fail(f"unknown moment {moment}")
 
 
-def test_sigkill_anywhere_delivers_every_event_once(make_consumer, clickhouse_faults, pg_conn):
+def test_sigkill_anywhere_delivers_every_event_once(
+    merges_stopped, make_consumer, clickhouse_faults, pg_conn
+):
     """Killed at random moments and restarted 24 times, the consumer delivers every event once."""
     seed = int(os.environ.get("CRASH_SEED") or random.SystemRandom().randrange(2**32))
     print(f"crash recovery seed {seed} (CRASH_SEED={seed} replays the schedule)")
@@ -220,7 +222,7 @@ def _publish(pg_conn, environment: str, tx: int, size: int) -> None:
 
 
 def test_abandoned_insert_is_fenced_before_the_watermark_is_read(
-    make_consumer, clickhouse_faults, pg_conn
+    merges_stopped, make_consumer, clickhouse_faults, pg_conn
 ):
     """An insert its killed consumer left executing cannot land after the restart's watermark."""
     faults = clickhouse_faults

@@ -190,6 +190,7 @@ def _first_write_after(consumer: Consumer, since: dt.datetime) -> float:
     pytest.fail("no batch written after the outage")
 
 
+@pytest.mark.usefixtures("merges_stopped")
 def test_clickhouse_outage_delays_delivery_and_nothing_else(
     make_consumer,
     clickhouse_server,
@@ -298,7 +299,7 @@ def _wait_streaming_again(consumer: Consumer) -> None:
 
 
 def test_postgres_restart_mid_stream_loses_nothing(
-    make_consumer, clickhouse_server, postgres_server, postgres_url
+    merges_stopped, make_consumer, clickhouse_server, postgres_server, postgres_url
 ):
     """PostgreSQL restarted mid-stream: the consumer reconnects and every event arrives once."""
     # GIVEN a streaming consumer, with events published just before the restart
@@ -349,7 +350,7 @@ def _last(consumer: Consumer, name: str) -> dict[str, Any]:
 
 
 def test_postgres_crash_with_a_batch_in_flight_doubles_nothing(
-    make_consumer, clickhouse_faults, postgres_server, postgres_url
+    merges_stopped, make_consumer, clickhouse_faults, postgres_server, postgres_url
 ):
     """PostgreSQL crashed while an insert is in flight: the replay skips what landed, loses none."""
     # GIVEN a streaming consumer whose latest insert ClickHouse holds in flight, unconfirmed

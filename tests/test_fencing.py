@@ -149,3 +149,25 @@ def test_frozen_run_that_wakes_writes_nothing_its_successor_ships(
     assert first.stop() == 0
     # THEN each event is in event_log exactly once (merges stopped: nothing folded away)
     assert _counts(merges_stopped.url, environment) == (len(published), len(published))
+
+
+def test_retry_of_an_insert_whose_answer_was_lost_adds_nothing(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """An insert lands but its answer is lost: the retry sends the same bytes, ClickHouse drops
+    it as a duplicate, and each event is there once."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url)
+    consumer.migrate()
+    environment = f"lost-answer-{uuid.uuid4().hex[:12]}"
+    consumer.start()
+    # GIVEN a server whose answer to the next insert is lost after it landed
+    faults.lose_answers(1)
+    # WHEN a batch is shipped
+    publish_probes(pg_conn, 25, environment)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN it was sent twice, and landed once (merges stopped: nothing folded away)
+    retried = [e for e in consumer.log_events() if e.get("event") == "batch write failed, retrying"]
+    assert retried, consumer.log_text()
+    assert _counts(faults.url, environment) == (25, 25)

@@ -91,7 +91,7 @@ def _watch_below_commit(
 
 
 def test_huge_transaction_arrives_whole_once_in_bounded_memory(
-    make_consumer, clickhouse_faults, pg_conn
+    merges_stopped, make_consumer, clickhouse_faults, pg_conn
 ):
     """A 500,000-event transaction arrives once, under 300 MB RSS, confirmed only at its commit."""
     faults = clickhouse_faults

@@ -69,6 +69,8 @@ consumer's bookkeeping rows in cdc_sources and cdc_runs):
   every INSERT whose request body (as sent, before any decompression) exceeds N bytes fails
   the same way; the one limit that smaller inserts fit under, as a proxy's body limit or a
   server's memory limit behaves;
+- ``lose_answers?count=N``: the next N data INSERTs execute, then answer with an error, as
+  when the connection drops after the server committed (the client cannot tell them apart);
 - ``stats`` (JSON counters), ``wait_held?count=N&timeout=S`` (returns once N INSERTs are being
   held) and ``reset`` (counters zeroed, every fault cleared, held INSERTs released).
 """
@@ -557,6 +559,7 @@ class Faults:
     holding_stage: str = "before"
     held: int = 0
     fail_next: int = 0
+    lose_answers: int = 0  # data inserts that land, then answer as if they had failed
     fail_next_with: InjectedFailure = field(default_factory=InjectedFailure)
     fail_over_bytes: int | None = None
     fail_over_with: InjectedFailure = field(default_factory=InjectedFailure)
@@ -652,6 +655,14 @@ class Faults:
                 self.holding_stage = stage
             self.changed.notify_all()
 
+    def lose_answer(self) -> bool:
+        """True (once per `lose_answers`) for an insert that landed: its answer is lost."""
+        with self.changed:
+            if self.lose_answers > 0:
+                self.lose_answers -= 1
+                return True
+            return False
+
     def fail(self, count: int, failure: InjectedFailure) -> None:
         with self.changed:
             self.fail_next, self.fail_next_with = count, failure
@@ -663,7 +674,7 @@ class Faults:
     def reset(self) -> None:
         with self.changed:
             self.holding = False
-            self.fail_next = self.queries = self.inserts = 0
+            self.fail_next = self.lose_answers = self.queries = self.inserts = 0
             self.fail_over_bytes = None
             self.rows_inserted = self.failed_inserts = self.killed_queries = 0
             self.last_request = {}
@@ -774,9 +785,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if keyword == "KILL":
                 outcome = self._kill_query(sql, query_id)
+            elif is_insert:
+                outcome = self._insert(query, query_id, len(body))
             else:
-                if is_insert:
-                    query = self._admit_insert(query, query_id, len(body))
                 outcome = engine.execute(query)
         except ClickHouseError:
             faults.record(seen, is_insert, None)
@@ -801,14 +812,23 @@ class Handler(BaseHTTPRequestHandler):
             headers["Content-Encoding"] = encoding
         self._send(200, body, headers)
 
-    def _admit_insert(self, query: Query, query_id: str, body_bytes: int) -> Query:
+    def _insert(self, query: Query, query_id: str, body_bytes: int) -> Outcome:
+        """A data INSERT through the fault hooks: held, failed, or its answer lost."""
         faults = self.server.faults
         if faults.holds_executing():
             # A server evaluates an INSERT ... SELECT's WHERE as it starts: before the hold,
             # so a guard sees the world of that moment, as on a real server.
             query = self.server.engine.evaluate_guard(query)
         faults.admit_insert(query_id, insert_table(query.sql), body_bytes)
-        return query
+        outcome = self.server.engine.execute(query)
+        if faults.lose_answer():
+            raise ClickHouseError.of(
+                _UNKNOWN_EXCEPTION,
+                "the insert landed, and this answer stands for one lost on the way"
+                " (test server lose_answers hook)",
+                "INJECTED_FAILURE",
+            )
+        return outcome
 
     def _kill_query(self, sql: bytes, own_id: str) -> Outcome:
         """KILL QUERY over the queries this server is running (see the module docstring)."""
@@ -892,6 +912,9 @@ class Handler(BaseHTTPRequestHandler):
             faults.hold(False)
         elif name == "fail_inserts":
             faults.fail(int(params.get("count", "1")), InjectedFailure.from_params(params))
+        elif name == "lose_answers":
+            with faults.changed:
+                faults.lose_answers = int(params.get("count", "1"))
         elif name == "fail_inserts_over":
             faults.fail_over(int(params["bytes"]), InjectedFailure.from_params(params))
         elif name == "reset":

@@ -106,6 +106,10 @@ class ClickHouseServer:
         )
         self._hook("POST", f"fail_inserts_over?{query}")
 
+    def lose_answers(self, count: int) -> None:
+        """The next `count` INSERTs land, then answer with an error (the answer was lost)."""
+        self._hook("POST", f"lose_answers?count={count}")
+
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset: queries, inserts, rows_inserted, failed_inserts,
         held_inserts (waiting right now), pending_failures (left of `fail_inserts`),
