@@ -4,6 +4,7 @@ slot's confirmed position rather than by the size of event_log."""
 from __future__ import annotations
 
 import re
+import signal
 import uuid
 from typing import Any
 
@@ -14,7 +15,12 @@ from cdc_consumer import pgoutput
 from cdc_consumer.clickhouse import connect
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
-from tests.support.fix_consumer import current_wal_lsn
+from tests.support.fix_consumer import (
+    current_wal_lsn,
+    publish_probes,
+    status_received_after,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -136,3 +142,81 @@ def _granules_read(plan: list[list[Any]]) -> int:
                 if match:
                     return int(match.group(1))
     pytest.fail("the plan reads no event_log:\n" + "\n".join(lines))
+
+
+def test_walsender_is_answered_while_the_fence_waits(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """While the fence waits on an earlier run's insert for longer than wal_sender_timeout, the
+    consumer keeps sending status updates: its walsender stays, and it then ships once."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url, CDC_STATUS_INTERVAL_SECONDS="0.5")
+    consumer.migrate()
+    environment = f"answered-{uuid.uuid4().hex[:12]}"
+    consumer.start()
+    # GIVEN a consumer killed while the server executes its insert
+    faults.hold_inserts(executing=True)
+    publish_probes(pg_conn, 10, environment)
+    faults.wait_for_held_inserts()
+    assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
+    pg_conn.execute("ALTER SYSTEM SET wal_sender_timeout = '2s'")
+    pg_conn.execute("SELECT pg_reload_conf()")
+    try:
+        # WHEN it restarts and its fence waits on that insert past the walsender's timeout
+        consumer.start(streaming=False)
+        wait_for(lambda: faults.stats()["waiting_kills"] == 1, what="the fence to wait")
+        ((since,),) = pg_conn.execute("SELECT now()").fetchall()
+        # THEN its walsender keeps hearing from it, and is still its own
+        wait_for(
+            lambda: status_received_after(pg_conn, consumer.slot, since, seconds=3),
+            what="a status update 3 s into the fence",
+        )
+        assert faults.stats()["waiting_kills"] == 1
+    finally:
+        faults.release_inserts()
+        pg_conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
+        pg_conn.execute("SELECT pg_reload_conf()")
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    assert "source failed, reconnecting" not in consumer.log_text()
+    rows = clickhouse_select(
+        faults.url,
+        f"SELECT count(), uniqExact(event_id) FROM event_log WHERE environment = '{environment}'",
+    )
+    assert rows == [[10, 10]]
+
+
+def test_batch_is_one_part_whatever_the_profile_says(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """Session settings that would cut an insert into many blocks and make it asynchronous
+    (as a user profile can) leave each batch one part: the sink pins what it relies on."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url, CDC_BATCH_MAX_SECONDS="1")
+    consumer.migrate()
+    environment = f"profile-{uuid.uuid4().hex[:12]}"
+    parts = (
+        "SELECT count() FROM system.parts WHERE active AND table = 'event_log'"
+        " AND database = currentDatabase()"
+    )
+    # GIVEN a profile that would cut 3,000 rows into 30 blocks and not wait for them
+    faults.set_profile(
+        min_insert_block_size_rows="100",
+        min_insert_block_size_bytes="1",
+        max_insert_block_size="100",
+        max_block_size="100",
+        async_insert="1",
+        wait_for_async_insert="0",
+    )
+    ((before,),) = clickhouse_select(faults.url, parts)
+    # WHEN one transaction of 3,000 events is shipped
+    publish_probes(pg_conn, 3000, environment)
+    consumer.start()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN it landed as one part, all of it, by the time the slot was confirmed
+    ((after,),) = clickhouse_select(faults.url, parts)
+    rows = clickhouse_select(
+        faults.url, f"SELECT count() FROM event_log WHERE environment = '{environment}'"
+    )
+    assert (int(after) - int(before), rows) == (1, [[3000]])

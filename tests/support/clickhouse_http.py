@@ -69,6 +69,8 @@ consumer's bookkeeping rows in cdc_sources and cdc_runs):
   every INSERT whose request body (as sent, before any decompression) exceeds N bytes fails
   the same way; the one limit that smaller inserts fit under, as a proxy's body limit or a
   server's memory limit behaves;
+- ``profile?name=value&...``: settings applied under every query's own until ``reset``, as a
+  user profile's are on a real server (the query's settings win);
 - ``lose_answers?count=N``: the next N data INSERTs execute, then answer with an error, as
   when the connection drops after the server committed (the client cannot tell them apart);
 - ``stats`` (JSON counters), ``wait_held?count=N&timeout=S`` (returns once N INSERTs are being
@@ -560,6 +562,7 @@ class Faults:
     held: int = 0
     fail_next: int = 0
     lose_answers: int = 0  # data inserts that land, then answer as if they had failed
+    profile: dict[str, str] = field(default_factory=dict)  # settings under every query's own
     fail_next_with: InjectedFailure = field(default_factory=InjectedFailure)
     fail_over_bytes: int | None = None
     fail_over_with: InjectedFailure = field(default_factory=InjectedFailure)
@@ -655,6 +658,10 @@ class Faults:
                 self.holding_stage = stage
             self.changed.notify_all()
 
+    def profile_settings(self) -> dict[str, str]:
+        with self.changed:
+            return dict(self.profile)
+
     def lose_answer(self) -> bool:
         """True (once per `lose_answers`) for an insert that landed: its answer is lost."""
         with self.changed:
@@ -675,6 +682,7 @@ class Faults:
         with self.changed:
             self.holding = False
             self.fail_next = self.lose_answers = self.queries = self.inserts = 0
+            self.profile = {}
             self.fail_over_bytes = None
             self.rows_inserted = self.failed_inserts = self.killed_queries = 0
             self.last_request = {}
@@ -765,7 +773,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         query = Query(
             sql=sql,
-            settings={k: v for k, v in params.items() if _is_setting(k)},
+            # A user profile's settings first: the query's own win, as on a real server.
+            settings=self.server.faults.profile_settings()
+            | {k: v for k, v in params.items() if _is_setting(k)},
             params={k[6:]: v for k, v in params.items() if k.startswith("param_")},
             database=params.get("database") or "default",
             default_format=params.get("default_format") or "TabSeparated",
@@ -912,6 +922,9 @@ class Handler(BaseHTTPRequestHandler):
             faults.hold(False)
         elif name == "fail_inserts":
             faults.fail(int(params.get("count", "1")), InjectedFailure.from_params(params))
+        elif name == "profile":
+            with faults.changed:
+                faults.profile = {k: v for k, v in params.items() if _is_setting(k)}
         elif name == "lose_answers":
             with faults.changed:
                 faults.lose_answers = int(params.get("count", "1"))

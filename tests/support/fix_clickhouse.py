@@ -106,6 +106,11 @@ class ClickHouseServer:
         )
         self._hook("POST", f"fail_inserts_over?{query}")
 
+    def set_profile(self, **settings: str) -> None:
+        """Settings under every query's own until `reset()`, as a user profile's."""
+        query = "&".join(f"{name}={value}" for name, value in settings.items())
+        self._hook("POST", f"profile?{query}")
+
     def lose_answers(self, count: int) -> None:
         """The next `count` INSERTs land, then answer with an error (the answer was lost)."""
         self._hook("POST", f"lose_answers?count={count}")
