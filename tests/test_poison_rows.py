@@ -6,6 +6,7 @@ until they fit, and a row too large on its own is dead-lettered.
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,3 +303,71 @@ def test_dead_letter_table_refusing_even_a_minimal_record_stops_with_a_hint(
         "event_log_dead_letter": (0, 0),
     }
     assert _replayable_inserts(pg_conn, consumer) == 1
+
+
+def test_halving_interrupted_by_a_kill_resumes_without_loss_or_duplicates(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """A consumer killed half way through isolating a poison row: after the restart each good
+    event is in event_log once and the poison one in the dead-letter table once."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url, CDC_BATCH_MAX_SECONDS="0.5")
+    consumer.migrate()
+    marker = uuid.uuid4().hex
+    consumer.start()
+    # GIVEN a transaction of 20 events whose 16th ClickHouse refuses, and a server that lets
+    # two inserts through (the whole batch, refused, and its first half, landing) and then
+    # holds the next
+    faults.hold_inserts(after=2)
+    with transaction.atomic():
+        for n in range(20):
+            payload = {"a.b": 1, "a": {"b": 2}} if n == 15 else {"n": n}
+            publish(event=AuditNoted(marker=marker, payload=payload))
+    faults.wait_for_held_inserts()
+    # WHEN the consumer is killed there, and restarted
+    assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
+    faults.release_inserts()
+    consumer.start()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN the restart skipped the landed half, and nothing is lost or doubled (merges stopped)
+    streaming = [e for e in consumer.log_events() if e.get("event") == "streaming"]
+    assert streaming[-1]["stored_rows"] == 10
+    good = _select(
+        faults.url,
+        "SELECT count(), uniqExact(event_id) FROM event_log"
+        f" WHERE event_context_raw LIKE '%{marker}%'",
+    )
+    dead = _select(
+        faults.url, f"SELECT count() FROM event_log_dead_letter WHERE row LIKE '%{marker}%'"
+    )
+    assert (good, dead) == ([[19, 19]], [[1]])
+
+
+def test_transaction_larger_than_the_byte_limit_is_cut_within_it(
+    make_consumer, clickhouse_server, merges_stopped, pg_conn
+):
+    """Rows large enough to reach CDC_BATCH_MAX_BYTES: every insert stays within it, the
+    transaction is confirmed only at its commit, and every event arrives once."""
+    limit = 8192
+    consumer = make_consumer(clickhouse_server.url, CDC_BATCH_MAX_BYTES=str(limit))
+    consumer.migrate()
+    marker = uuid.uuid4().hex
+    # GIVEN one transaction of 30 events of about 1.5 KiB each (about 45 KiB)
+    with transaction.atomic():
+        for n in range(30):
+            publish(event=AuditNoted(marker=marker, payload={"n": n, "pad": "x" * 700}))
+    # WHEN it is shipped
+    consumer.start()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN no insert went over the limit, it took several, and each event is there once
+    written = [e for e in consumer.log_events() if e.get("event") == "batch written"]
+    assert len(written) >= 5
+    assert max(e["bytes"] for e in written) <= limit
+    rows = _select(
+        clickhouse_server.url,
+        "SELECT count(), uniqExact(event_id) FROM event_log"
+        f" WHERE event_context_raw LIKE '%{marker}%'",
+    )
+    assert rows == [[30, 30]]

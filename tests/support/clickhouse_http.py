@@ -59,7 +59,7 @@ consumer's bookkeeping rows in cdc_sources and cdc_runs):
 
 - ``hold_inserts``: INSERTs wait, before executing, until ``release_inserts``; with
   ``?stage=executing`` they wait as if executing, which KILL QUERY cannot cancel and SYNC
-  waits for;
+  waits for; with ``?after=N`` the next N INSERTs run and holding starts with the one after;
 - ``fail_inserts?count=N[&code=C][&status=S][&message=M][&table=T]``: the next N INSERTs (into
   table T only, if given) fail without executing, with ClickHouse error C (default 1002) and
   message M under HTTP status S (default 500); ``code=0`` answers as a proxy in front of the
@@ -559,6 +559,7 @@ class Faults:
     # "executing": they count as running, and KILL QUERY waits for them as for any insert
     # past the point where a server can cancel it (SYNC returns once they have landed).
     holding_stage: str = "before"
+    hold_after: int | None = None  # data inserts still let through before holding starts
     held: int = 0
     fail_next: int = 0
     lose_answers: int = 0  # data inserts that land, then answer as if they had failed
@@ -617,9 +618,14 @@ class Faults:
     def admit_insert(self, query_id: str, table: str, body_bytes: int) -> None:
         """Wait while inserts are held, then raise the injected failure if one is due."""
         with self.changed:
+            if self.hold_after is not None:  # hold from the (N+1)-th insert on
+                if self.hold_after == 0:
+                    self.holding, self.hold_after = True, None
+                else:
+                    self.hold_after -= 1
             self.held += 1
             self.changed.notify_all()
-            if self.holding_stage == "executing":
+            if self.holding and self.holding_stage == "executing":
                 self.changed.wait_for(lambda: not self.holding)
                 self.held -= 1
                 return
@@ -651,11 +657,16 @@ class Faults:
         with self.changed:
             return self.holding and self.holding_stage == "executing"
 
-    def hold(self, on: bool, stage: str = "before") -> None:
+    def hold(self, on: bool, stage: str = "before", *, after: int | None = None) -> None:
+        if stage not in ("before", "executing"):
+            raise ValueError(f"no hold stage {stage}")
         with self.changed:
-            self.holding = on
             if on:
                 self.holding_stage = stage
+            if on and after is not None:
+                self.hold_after = after  # admit_insert starts holding after that many
+            else:
+                self.holding = on
             self.changed.notify_all()
 
     def profile_settings(self) -> dict[str, str]:
@@ -683,6 +694,7 @@ class Faults:
             self.holding = False
             self.fail_next = self.lose_answers = self.queries = self.inserts = 0
             self.profile = {}
+            self.holding_stage, self.hold_after = "before", None
             self.fail_over_bytes = None
             self.rows_inserted = self.failed_inserts = self.killed_queries = 0
             self.last_request = {}
@@ -913,11 +925,8 @@ class Handler(BaseHTTPRequestHandler):
     def _hook(self, name: str, params: dict[str, str]) -> None:
         faults = self.server.faults
         if name == "hold_inserts":
-            stage = params.get("stage", "before")
-            if stage not in ("before", "executing"):
-                self._send(400, f"no stage {stage}\n".encode(), {})
-                return
-            faults.hold(True, stage)
+            after = int(params["after"]) if "after" in params else None
+            faults.hold(True, params.get("stage", "before"), after=after)
         elif name == "release_inserts":
             faults.hold(False)
         elif name == "fail_inserts":

@@ -74,11 +74,14 @@ class ClickHouseServer:
         options.update(kwargs)
         return clickhouse_connect.get_client(**options)
 
-    def hold_inserts(self, *, executing: bool = False) -> None:
-        """From now on every data INSERT waits until `release_inserts()`: before it executes
-        (KILL QUERY cancels it), or with `executing` as if executing (KILL QUERY SYNC waits
-        for it to land)."""
-        self._hook("POST", "hold_inserts?stage=executing" if executing else "hold_inserts")
+    def hold_inserts(self, *, executing: bool = False, after: int | None = None) -> None:
+        """From now on (or once `after` more have run) every data INSERT waits until
+        `release_inserts()`: before it executes (KILL QUERY cancels it), or with `executing`
+        as if executing (KILL QUERY SYNC waits for it to land)."""
+        query = "stage=executing" if executing else "stage=before"
+        if after is not None:
+            query += f"&after={after}"
+        self._hook("POST", f"hold_inserts?{query}")
 
     def release_inserts(self) -> None:
         """Let held and future INSERTs run."""
