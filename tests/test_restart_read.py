@@ -11,9 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_consumer import pgoutput
+from cdc_consumer import migrations, pgoutput
 from cdc_consumer.clickhouse import connect
 from cdc_consumer.clickhouse_sink import ClickHouseSink
+from cdc_consumer.errors import PipelineError
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
 from tests.support.fix_consumer import (
     current_wal_lsn,
@@ -220,3 +221,35 @@ def test_batch_is_one_part_whatever_the_profile_says(
         faults.url, f"SELECT count() FROM event_log WHERE environment = '{environment}'"
     )
     assert (int(after) - int(before), rows) == (1, [[3000]])
+
+
+def test_restart_read_fails_rather_than_truncates_under_a_profile_limit(clickhouse_faults):
+    """A user profile that would cut reads short (`*_overflow_mode = 'break'`) makes the restart
+    read fail, never return fewer stored positions than there are."""
+    faults = clickhouse_faults
+    transport = connect(faults.url)
+    migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
+    transport.close()
+    source = f"overflow_{uuid.uuid4().hex[:10]}"
+    # GIVEN 50 stored positions of a source, one per transaction
+    clickhouse_command(
+        faults.url,
+        "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
+        " event_context, event_context_raw, metadata_version, source, source_lsn, source_seq)"
+        " SELECT generateUUIDv4(number), 'probe', now64(6), 'overflow', '{}', '{}', 1,"
+        f" '{source}', number + 1, 0 FROM numbers(50)",
+    )
+    # AND a profile whose limits would break off reads and results early
+    faults.set_profile(
+        max_rows_to_read="10",
+        read_overflow_mode="break",
+        max_result_rows="5",
+        result_overflow_mode="break",
+    )
+    sink = ClickHouseSink(connect(faults.url), source=source)
+    try:
+        # WHEN the restart read runs, THEN it fails loudly instead of under-counting
+        with pytest.raises(PipelineError, match="Limit for"):
+            sink.stored_positions(1)
+    finally:
+        sink.close()
