@@ -72,7 +72,7 @@ def measure(rows: int, above: int) -> dict[str, object]:
             fill_seconds = time.perf_counter() - started
             confirmed = (rows - above) * 100
             sink = ClickHouseSink(transport, source=SOURCE)
-            identity = SourceIdentity("7000000000000000000", "bench")
+            identity = SourceIdentity("7000000000000000000", "bench", "bench_slot")
 
             def startup() -> None:
                 sink.fence_earlier_runs()

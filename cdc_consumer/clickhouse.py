@@ -46,8 +46,14 @@ _ERROR_CODE = re.compile(r"Code: (\d+)")
 _QUERY_WAS_CANCELLED = 394  # KILL QUERY: a newer run's fence
 _THROW_IF = 395  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: with our mark, an insert guard refused
 SUPERSEDED_MARK = "superseded by a newer run of source"
-# Integers come back as JSON numbers, so both transports return the same Python values.
-SELECT_SETTINGS: dict[str, str] = {"output_format_json_quote_64bit_integers": "0"}
+# Integers come back as JSON numbers, so both transports return the same Python values. A
+# profile's query cache would serve an old answer to the restart read or the epoch claim, and
+# NULL for an empty max() would break the claim's arithmetic: both pinned off.
+SELECT_SETTINGS: dict[str, str] = {
+    "output_format_json_quote_64bit_integers": "0",
+    "use_query_cache": "0",
+    "aggregate_functions_null_for_empty": "0",
+}
 
 
 class ClickHouseTransport(Protocol):

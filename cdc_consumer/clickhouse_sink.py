@@ -176,25 +176,26 @@ class ClickHouseSink:
         positions of two WAL histories are not comparable, and a replay would skip the wrong
         events."""
         rows = self._transport.select(
-            f"SELECT system_identifier, database FROM {SOURCES_TABLE} FINAL"
+            f"SELECT system_identifier, database, slot FROM {SOURCES_TABLE} FINAL"
             f" WHERE source = {self._source_literal}"
         )
         if not rows:
             self._transport.command(
-                f"INSERT INTO {SOURCES_TABLE} (source, system_identifier, database) VALUES"
-                f" ({self._source_literal}, {quote_string(identity.system_identifier)},"
-                f" {quote_string(identity.database)})"
+                f"INSERT INTO {SOURCES_TABLE} (source, system_identifier, database, slot)"
+                f" VALUES ({self._source_literal}, {quote_string(identity.system_identifier)},"
+                f" {quote_string(identity.database)}, {quote_string(identity.slot)})"
             )
             return
-        recorded = SourceIdentity(str(rows[0][0]), str(rows[0][1]))
+        recorded = SourceIdentity(str(rows[0][0]), str(rows[0][1]), str(rows[0][2]))
         if recorded != identity:
             raise PipelineError(
                 ErrorKind.CONFIGURATION,
                 f"source {self._source} was recorded from PostgreSQL system"
-                f" {recorded.system_identifier} database {recorded.database}, but this is"
-                f" system {identity.system_identifier} database {identity.database}",
-                hint="give each PostgreSQL source its own CDC_SOURCE, or point DATABASE_URL"
-                " at the server this source was read from",
+                f" {recorded.system_identifier} database {recorded.database} slot"
+                f" {recorded.slot}, but this is system {identity.system_identifier} database"
+                f" {identity.database} slot {identity.slot}",
+                hint="give each slot its own CDC_SOURCE, or point DATABASE_URL and CDC_SLOT"
+                " at the server and slot this source was read from",
             )
 
     def stored_positions(self, since_lsn: int) -> StoredPositions:

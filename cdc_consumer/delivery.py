@@ -52,6 +52,9 @@ class SinkWorker:
         self._abort = threading.Event()
         self._wake = threading.Event()  # interrupts a backoff: abort or abandon
         self._generation = 0  # batches of an older generation were abandoned
+        # Set when a write met a failure that asks to reconnect: every batch is dropped until
+        # the main loop calls `abandon`, so none submitted meanwhile lands (or is confirmed).
+        self._refusing = False
         self._progress = threading.Event()
         self._lock = threading.Lock()
         self._durable_lsn = 0
@@ -82,6 +85,12 @@ class SinkWorker:
     def idle(self) -> bool:
         return self._queue.unfinished_tasks == 0
 
+    @property
+    def settled(self) -> bool:
+        """Idle with every batch it was given durable: none dropped, none failed. Only then
+        may the slot be confirmed past what the worker holds (a keepalive's WAL end)."""
+        return self.idle and self._fatal is None and not self._refusing
+
     def submit(self, batch: Batch, timeout: float) -> bool:
         """Queue a batch; False if the worker is still busy after `timeout` (backpressure)."""
         try:
@@ -92,11 +101,14 @@ class SinkWorker:
 
     def abandon(self) -> None:
         """Drop what is queued and stop retrying the batch being written; forget a failure
-        that asked for this. Returns at once: an insert already on its way may still land,
-        which the next run's fence and restart read account for."""
+        that asked for this (never one that stops the pipeline). Returns at once: an insert
+        already on its way may still land, which the restart read that follows accounts for
+        once the worker is `idle` again."""
         with self._lock:
             self._generation += 1
-            self._fatal = None
+            self._refusing = False
+            if self._fatal is not None and policy_for(self._fatal) is not Policy.STOP:
+                self._fatal = None
         self._wake.set()
 
     def wait_progress(self, timeout: float) -> None:
@@ -113,7 +125,7 @@ class SinkWorker:
         self._thread.join()
 
     def _current(self, generation: int) -> bool:
-        return generation == self._generation and not self._abort.is_set()
+        return generation == self._generation and not self._refusing and not self._abort.is_set()
 
     def _run(self) -> None:
         while True:
@@ -129,8 +141,8 @@ class SinkWorker:
                     continue
                 self.batches_written += 1
                 with self._lock:
-                    if generation != self._generation:
-                        continue  # landed after all; the next run's restart read sees it
+                    if generation != self._generation or self._refusing:
+                        continue  # landed after all; the next restart read sees it
                     if batch.confirm_lsn is not None:
                         self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
                     if batch.commit_time is not None:
@@ -220,11 +232,11 @@ class SinkWorker:
         """Hand a failure the write cannot get past to the main loop: one that asks to
         reconnect abandons what is queued (the slot replays it), any other stops the worker.
         Moot if the batch was abandoned while it was being written."""
-        if generation != self._generation:
+        if not self._current(generation):
             return False
         if policy_for(exc) is Policy.RECONNECT:
             with self._lock:
-                self._generation += 1  # what is queued is not written either
+                self._refusing = True  # what is queued, or submitted next, is not written
                 self._fatal = exc
         else:
             self._fatal = exc

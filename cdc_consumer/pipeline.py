@@ -137,10 +137,18 @@ class Pipeline:
                     )
                     self._worker.stop(abort=True)
                     return 2
+                fatal = self._worker.fatal
+                if fatal is not None and policy_for(fatal) is Policy.STOP:
+                    log.error(
+                        "pipeline stopped", error=str(fatal), kind=fatal.kind.value, hint=fatal.hint
+                    )
+                    self._worker.stop(abort=True)
+                    return 2
                 # Whatever is queued belongs to the lost connection: the slot replays it to
-                # whichever run streams next (this one or a successor), whose fence refuses
-                # anything this worker still sends.
+                # whichever run streams next. This run's next restart read waits until the
+                # write already on its way has ended, so it sees it if it landed.
                 self._worker.abandon()
+                self._await_abandoned()
                 attempt += 1
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
                 log.warning(
@@ -154,6 +162,10 @@ class Pipeline:
                 )
                 self._stop.wait(delay)
         return 0
+
+    def _await_abandoned(self) -> None:
+        while not self._worker.idle and not self._stop.requested:
+            self._worker.wait_progress(_POLL_SECONDS)
 
     def _stream_once(self) -> None:
         self._builder.discard()  # the slot replays from its confirmed position
@@ -185,8 +197,10 @@ class Pipeline:
             stream.close()
 
     def _restart_read(self, identity: SourceIdentity, confirmed_lsn: int) -> StoredPositions:
-        self._sink.fence_earlier_runs()
+        # The source check first: a consumer pointed at the wrong server must not fence the
+        # right one's run before it is refused.
         self._sink.check_source(identity)
+        self._sink.fence_earlier_runs()
         return self._sink.stored_positions(confirmed_lsn)
 
     def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T:
@@ -204,11 +218,15 @@ class Pipeline:
         helper = threading.Thread(target=run, name="restart-read", daemon=True)
         helper.start()
         interval = self._settings.cdc_status_interval_seconds
-        while True:
-            helper.join(timeout=interval)
-            if not helper.is_alive():
-                break
-            stream.send_status(flush=stream.confirmed)
+        try:
+            while True:
+                helper.join(timeout=interval)
+                if not helper.is_alive():
+                    break
+                stream.send_status(flush=stream.confirmed)
+        except BaseException:
+            helper.join()  # its fence must not overlap the next connection's
+            raise
         if failure:
             raise failure[0]
         return result[0]
@@ -297,7 +315,7 @@ class Pipeline:
         )
 
     def _nothing_buffered(self, s: _Session) -> bool:
-        return not s.tx.open and self._builder.is_empty and self._worker.idle
+        return not s.tx.open and self._builder.is_empty and self._worker.settled
 
     def _check_worker(self) -> None:
         if self._worker.fatal is not None:
@@ -319,7 +337,7 @@ class Pipeline:
             while not self._worker.submit(batch, timeout=_POLL_SECONDS):
                 if time.monotonic() >= deadline:
                     break
-        drained = self._drain_worker(deadline)
+        drained = self._drain_worker(deadline) and self._worker.settled
         self._report(s, due_every=0)
         self._record_progress(s, force=True)
         self._worker.stop(abort=not drained)

@@ -128,7 +128,7 @@ class ReplicationStream:
         with _source_errors("identify the system"):
             row = self._conn.execute("IDENTIFY_SYSTEM").fetchone()
         assert row is not None  # the command always answers one row
-        return SourceIdentity(system_identifier=str(row[0]), database=str(row[3]))
+        return SourceIdentity(system_identifier=str(row[0]), database=str(row[3]), slot=self._slot)
 
     def start(self) -> SlotState:
         """START_REPLICATION from the slot's confirmed position; names who holds it if busy."""

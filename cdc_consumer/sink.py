@@ -21,10 +21,12 @@ SeqRanges = Sequence[tuple[int, int]]  # inclusive (first, last) runs of source_
 
 @dataclass(frozen=True, slots=True)
 class SourceIdentity:
-    """The PostgreSQL a source's positions belong to: they compare only within its WAL."""
+    """The PostgreSQL and slot a source's positions belong to: positions compare only within
+    one WAL, and seqs only within one slot's view of it (a row filter changes them)."""
 
     system_identifier: str
     database: str
+    slot: str
 
 
 class StoredPositions:

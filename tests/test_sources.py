@@ -98,16 +98,17 @@ def test_source_read_from_another_postgres_is_refused(make_consumer, clickhouse_
     ((database,),) = pg_conn.execute("SELECT current_database()").fetchall()
     recorded = clickhouse_select(
         clickhouse_server.url,
-        f"SELECT system_identifier, database FROM cdc_sources FINAL WHERE source = '{first.slot}'",
+        "SELECT system_identifier, database, slot FROM cdc_sources FINAL"
+        f" WHERE source = '{first.slot}'",
     )
-    assert recorded == [[system_identifier, database]]
+    assert recorded == [[system_identifier, database, first.slot]]
     # WHEN another consumer claims a source name that was recorded from another server
     second = make_consumer(clickhouse_server.url)
     second.migrate()
     clickhouse_command(
         clickhouse_server.url,
-        "INSERT INTO cdc_sources (source, system_identifier, database)"
-        f" VALUES ('{second.slot}', '7000000000000000001', 'elsewhere')",
+        "INSERT INTO cdc_sources (source, system_identifier, database, slot)"
+        f" VALUES ('{second.slot}', '7000000000000000001', 'elsewhere', '{second.slot}')",
     )
     result = second.cli("run")
     # THEN it stops with exit code 2, naming the source and both servers

@@ -4,6 +4,9 @@
 -- own by the restart read). A metadata-only ALTER.
 ALTER TABLE event_log ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT '' AFTER trace_id;
 ALTER TABLE event_log_dead_letter ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT '' FIRST;
+-- A retried dead-letter insert whose first attempt landed (its answer lost) is dropped, as in
+-- event_log: every insert carries a token of its bytes.
+ALTER TABLE event_log_dead_letter MODIFY SETTING non_replicated_deduplication_window = 1000;
 
 -- The restart read asks only for positions at or above the slot's confirmed position. event_log
 -- is sorted by (event_type, event_date_time, event_id), and commit order follows publish time
@@ -14,14 +17,16 @@ ALTER TABLE event_log ADD INDEX IF NOT EXISTS event_log_source_lsn_idx source_ls
 -- done those parts are read whole, which is slower, never wrong.
 ALTER TABLE event_log MATERIALIZE INDEX event_log_source_lsn_idx;
 
--- One row per source: the PostgreSQL it reads (system identifier from IDENTIFY_SYSTEM, and the
--- database). A consumer whose PostgreSQL differs from the one recorded refuses to start: LSNs
--- of two WAL histories are not comparable.
+-- One row per source: the PostgreSQL and slot it reads (system identifier from IDENTIFY_SYSTEM,
+-- the database, the slot). A consumer whose server or slot differs from the one recorded
+-- refuses to start: LSNs of two WAL histories are not comparable, and two slots (row filters)
+-- number the rows of one transaction differently.
 CREATE TABLE IF NOT EXISTS cdc_sources
 (
     source             String,
     system_identifier  String,
     database           String,
+    slot               String,
     registered_at      DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree(registered_at)
