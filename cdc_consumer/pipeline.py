@@ -131,24 +131,20 @@ class Pipeline:
                 self._stream_once()
                 attempt = 0
             except PipelineError as exc:
-                if policy_for(exc) is Policy.STOP:
-                    log.error(
-                        "pipeline stopped", error=str(exc), kind=exc.kind.value, hint=exc.hint
-                    )
-                    self._worker.stop(abort=True)
-                    return 2
                 fatal = self._worker.fatal
-                if fatal is not None and policy_for(fatal) is Policy.STOP:
+                stopping = next(
+                    (e for e in (exc, fatal) if e is not None and policy_for(e) is Policy.STOP),
+                    None,
+                )
+                if stopping is not None:
                     log.error(
-                        "pipeline stopped", error=str(fatal), kind=fatal.kind.value, hint=fatal.hint
+                        "pipeline stopped",
+                        error=str(stopping),
+                        kind=stopping.kind.value,
+                        hint=stopping.hint,
                     )
                     self._worker.stop(abort=True)
                     return 2
-                # Whatever is queued belongs to the lost connection: the slot replays it to
-                # whichever run streams next. This run's next restart read waits until the
-                # write already on its way has ended, so it sees it if it landed.
-                self._worker.abandon()
-                self._await_abandoned()
                 attempt += 1
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
                 log.warning(
@@ -160,6 +156,11 @@ class Pipeline:
                     attempt=attempt,
                     retry_in=round(delay, 2),
                 )
+                # Whatever is queued belongs to the lost connection: the slot replays it to
+                # whichever run streams next. This run's next restart read waits until the
+                # write already on its way has ended, so it sees it if it landed.
+                self._worker.abandon()
+                self._await_abandoned()
                 self._stop.wait(delay)
         return 0
 

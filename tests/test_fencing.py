@@ -171,3 +171,28 @@ def test_retry_of_an_insert_whose_answer_was_lost_adds_nothing(
     retried = [e for e in consumer.log_events() if e.get("event") == "batch write failed, retrying"]
     assert retried, consumer.log_text()
     assert _counts(faults.url, environment) == (25, 25)
+
+
+def test_cancelled_insert_is_replayed_not_confirmed_past(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """An insert the server cancels (code 394, as a fence or an operator's KILL does) is never
+    confirmed past: the consumer abandons it, reconnects, and the slot replays it once."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url)
+    consumer.migrate()
+    environment = f"cancelled-{uuid.uuid4().hex[:12]}"
+    consumer.start()
+    # GIVEN a server that cancels the next insert
+    faults.fail_inserts(1, code=394, message="Query was cancelled")
+    # WHEN a batch is shipped, and more WAL follows while nothing of ours is buffered
+    publish_probes(pg_conn, 10, environment)
+    wait_for(
+        lambda: any(e.get("event") == "superseded, standing by" for e in consumer.log_events()),
+        what="the cancelled insert to be noticed",
+    )
+    pg_conn.execute("SELECT pg_logical_emit_message(true, 'unrelated', 'wal')")
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN the 10 events were replayed and are there once (merges stopped)
+    assert _counts(faults.url, environment) == (10, 10)

@@ -280,9 +280,28 @@ def clickhouse_command(clickhouse_url: str, sql: str) -> None:
 @pytest.fixture
 def merges_stopped(clickhouse_server: ClickHouseServer) -> Iterator[ClickHouseServer]:
     """event_log does not merge during the test, so a ReplacingMergeTree cannot fold a
-    duplicate away before `count()` sees it."""
-    clickhouse_command(clickhouse_server.url, "SYSTEM STOP MERGES event_log")
+    duplicate away before `count()` sees it. Without merges every insert adds a part, and past
+    `parts_to_delay_insert` ClickHouse would slow each insert down: the thresholds are lifted
+    for the test (a test of a thousand inserts would otherwise measure the throttle)."""
+    from cdc_consumer import migrations
+    from cdc_consumer.clickhouse import connect
+
+    url = clickhouse_server.url
+    transport = connect(url)
+    try:
+        migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
+    finally:
+        transport.close()
+    clickhouse_command(url, "SYSTEM STOP MERGES event_log")
+    clickhouse_command(
+        url,
+        "ALTER TABLE event_log MODIFY SETTING parts_to_delay_insert = 1000000,"
+        " parts_to_throw_insert = 1000000",
+    )
     try:
         yield clickhouse_server
     finally:
-        clickhouse_command(clickhouse_server.url, "SYSTEM START MERGES event_log")
+        clickhouse_command(
+            url, "ALTER TABLE event_log RESET SETTING parts_to_delay_insert, parts_to_throw_insert"
+        )
+        clickhouse_command(url, "SYSTEM START MERGES event_log")
