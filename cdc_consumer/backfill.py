@@ -6,11 +6,14 @@ Exactly once, by construction rather than by merges:
   before the new slot's starting point, and every row it does not see will stream through the
   new slot: the two sets are disjoint, so the consumer and the backfill never ship one event
   twice, whenever the consumer starts.
-- Rows whose event_id is already in event_log or event_log_dead_letter are skipped, so rows the
-  old slot did deliver (and a second backfill run) are not sent again.
+- The backfill claims its source and fences earlier runs first, as a consumer run does, so no
+  insert of the run that lost the slot lands after the presence check.
+- Rows whose event_id is already in event_log or event_log_dead_letter for this source are
+  skipped, so rows the old slot did deliver (and a second backfill run) are not sent again.
 - Rows go through the consumer's own encoder and sink worker (same bytes, same retries, same
   dead-lettering). Their source position is (0, 0): they have no LSN in the new slot's WAL
-  history, and 0 never raises the restart watermark the consumer reads from event_log.
+  history, and the consumer's restart read, which starts at the slot's confirmed position,
+  never meets 0.
 """
 
 from __future__ import annotations
