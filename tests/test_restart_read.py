@@ -28,8 +28,9 @@ pytestmark = pytest.mark.e2e
 _READ = re.compile(r"Parts: \d+ \| Granules: (\d+)")
 
 
-def _commit_lsn_of_next_transaction(pg_conn: psycopg.Connection[Any], consumer) -> int:
-    """The commit LSN of the first transaction the slot will send (peeked, not consumed)."""
+def _next_transaction(pg_conn: psycopg.Connection[Any], consumer) -> tuple[int, list[str]]:
+    """The commit LSN of the first transaction the slot will send and its event ids in WAL
+    order, i.e. by source_seq (peeked, not consumed; heap order can differ from WAL order)."""
     rows = pg_conn.execute(
         "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
         " 'proto_version', '1', 'publication_names', %s)",
@@ -37,7 +38,17 @@ def _commit_lsn_of_next_transaction(pg_conn: psycopg.Connection[Any], consumer) 
     ).fetchall()
     begin = pgoutput.decode(bytes(rows[0][0]))
     assert isinstance(begin, pgoutput.Begin)
-    return begin.final_lsn
+    event_ids: list[str] = []
+    column = 0
+    for (data,) in rows[1:]:
+        message = pgoutput.decode(bytes(data))
+        if isinstance(message, pgoutput.Relation):
+            column = [c.name for c in message.columns].index("event_id")
+        elif isinstance(message, pgoutput.Insert):
+            event_ids.append(bytes(message.new[column]).decode())  # type: ignore[arg-type]
+        elif isinstance(message, pgoutput.Commit):
+            break
+    return begin.final_lsn, event_ids
 
 
 def test_batch_that_landed_in_part_is_completed_once(make_consumer, merges_stopped, pg_conn):
@@ -56,18 +67,11 @@ def test_batch_that_landed_in_part_is_completed_once(make_consumer, merges_stopp
         " FROM generate_series(1, 10) AS g",
         (environment,),
     )
-    commit_lsn = _commit_lsn_of_next_transaction(pg_conn, consumer)
+    commit_lsn, in_wal_order = _next_transaction(pg_conn, consumer)
     # AND only its December part in event_log, as when the insert's second part committed and
     # the first did not (a crash between the two, or a partition the server refused)
-    ids = pg_conn.execute(
-        "SELECT event_id::text FROM event_outbox WHERE environment = %s ORDER BY event_id",
-        (environment,),
-    ).fetchall()
-    december = pg_conn.execute(
-        "SELECT event_id::text, (row_number() OVER (ORDER BY ctid)) - 1 AS seq FROM event_outbox"
-        " WHERE environment = %s ORDER BY ctid",
-        (environment,),
-    ).fetchall()[5:]
+    assert len(in_wal_order) == 10
+    december = [(event_id, seq) for seq, event_id in enumerate(in_wal_order)][5:]
     values = ", ".join(
         f"('{event_id}', 'probe', '2026-12-01 00:00:00.5', '{environment}', '{{}}', '{{}}', 1,"
         f" '{consumer.slot}', {commit_lsn}, {seq})"
@@ -89,7 +93,7 @@ def test_batch_that_landed_in_part_is_completed_once(make_consumer, merges_stopp
         "SELECT toString(event_id), count() FROM event_log"
         f" WHERE environment = '{environment}' GROUP BY event_id",
     )
-    assert sorted(rows) == sorted([event_id, 1] for (event_id,) in ids)
+    assert sorted(rows) == sorted([event_id, 1] for event_id in in_wal_order)
 
 
 def test_restart_read_selects_granules_above_the_confirmed_position_only(
