@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TypeVar
@@ -206,31 +207,15 @@ class Pipeline:
 
     def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T:
         """Run `work` on a helper thread while this one keeps the walsender answered: the fence
-        and the restart read can outlast wal_sender_timeout on a large or busy ClickHouse."""
-        result: list[_T] = []
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                result.append(work())
-            except BaseException as exc:  # re-raised on the calling thread
-                failure.append(exc)
-
-        helper = threading.Thread(target=run, name="restart-read", daemon=True)
-        helper.start()
+        and the restart read can outlast wal_sender_timeout on a large or busy ClickHouse.
+        Leaving the pool waits for the helper, so its fence never overlaps the next
+        connection's, also when sending status fails."""
         interval = self._settings.cdc_status_interval_seconds
-        try:
-            while True:
-                helper.join(timeout=interval)
-                if not helper.is_alive():
-                    break
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="restart-read") as pool:
+            future = pool.submit(work)
+            while not wait([future], timeout=interval).done:
                 stream.send_status(flush=stream.confirmed)
-        except BaseException:
-            helper.join()  # its fence must not overlap the next connection's
-            raise
-        if failure:
-            raise failure[0]
-        return result[0]
+            return future.result()
 
     def _loop(self, s: _Session) -> None:
         interval = self._settings.cdc_status_interval_seconds

@@ -15,7 +15,13 @@ from cdc_consumer.clickhouse import connect
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import ErrorKind, PipelineError
 from tests.support.fix_clickhouse import clickhouse_select
-from tests.support.fix_consumer import current_wal_lsn, publish_probes, wait_for
+from tests.support.fix_consumer import (
+    current_wal_lsn,
+    kill_while_an_insert_executes,
+    publish_probes,
+    short_wal_sender_timeout,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -71,10 +77,7 @@ def test_fence_waits_for_an_insert_already_executing(
     environment = f"executing-{uuid.uuid4().hex[:12]}"
     consumer.start()
     # GIVEN a consumer killed while the server executes its insert of 10 events
-    faults.hold_inserts(executing=True)
-    publish_probes(pg_conn, 10, environment)
-    faults.wait_for_held_inserts()
-    assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
+    kill_while_an_insert_executes(consumer, faults, pg_conn, environment)
     publish_probes(pg_conn, 10, environment)
     # WHEN the consumer restarts, and its fence is waiting on that insert
     consumer.start(streaming=False)
@@ -115,34 +118,31 @@ def test_frozen_run_that_wakes_writes_nothing_its_successor_ships(
                 published.extend(publish_probes(conn, 20, environment))
                 done.wait(0.01)
 
-    pg_conn.execute("ALTER SYSTEM SET wal_sender_timeout = '3s'")
-    pg_conn.execute("SELECT pg_reload_conf()")
     loader = threading.Thread(target=load, daemon=True)
-    try:
-        # GIVEN a consumer shipping under steady load
-        first.start()
-        loader.start()
-        first.wait_confirmed(current_wal_lsn(pg_conn))
-        # WHEN it freezes until its walsender times out, and a second consumer takes over
-        assert first.process is not None
-        first.process.send_signal(signal.SIGSTOP)
-        wait_for(lambda: not first.slot_active(), what="the frozen consumer's walsender to go")
-        second.start()
-        second.wait_confirmed(current_wal_lsn(pg_conn))
-        # AND the first wakes, holding whatever it had queued, while the second ships on
-        first.process.send_signal(signal.SIGCONT)
-        wait_for(
-            lambda: any(
-                e.get("event") in ("superseded, standing by", "source failed, reconnecting")
-                for e in first.log_events()
-            ),
-            what="the woken consumer to notice it lost the slot",
-        )
-    finally:
-        done.set()
-        loader.join()
-        pg_conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
-        pg_conn.execute("SELECT pg_reload_conf()")
+    with short_wal_sender_timeout(pg_conn, "3s"):
+        try:
+            # GIVEN a consumer shipping under steady load
+            first.start()
+            loader.start()
+            first.wait_confirmed(current_wal_lsn(pg_conn))
+            # WHEN it freezes until its walsender times out, and a second consumer takes over
+            assert first.process is not None
+            first.process.send_signal(signal.SIGSTOP)
+            wait_for(lambda: not first.slot_active(), what="the frozen consumer's walsender to go")
+            second.start()
+            second.wait_confirmed(current_wal_lsn(pg_conn))
+            # AND the first wakes, holding whatever it had queued, while the second ships on
+            first.process.send_signal(signal.SIGCONT)
+            wait_for(
+                lambda: any(
+                    e.get("event") in ("superseded, standing by", "source failed, reconnecting")
+                    for e in first.log_events()
+                ),
+                what="the woken consumer to notice it lost the slot",
+            )
+        finally:
+            done.set()
+            loader.join()
     second.wait_confirmed(current_wal_lsn(pg_conn))
     assert second.stop() == 0
     first.wait_confirmed(current_wal_lsn(pg_conn))  # it may take the slot back: nothing left

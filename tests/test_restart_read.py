@@ -4,7 +4,6 @@ slot's confirmed position rather than by the size of event_log."""
 from __future__ import annotations
 
 import re
-import signal
 import uuid
 from typing import Any
 
@@ -18,7 +17,9 @@ from cdc_consumer.errors import PipelineError
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
 from tests.support.fix_consumer import (
     current_wal_lsn,
+    kill_while_an_insert_executes,
     publish_probes,
+    short_wal_sender_timeout,
     status_received_after,
     wait_for,
 )
@@ -160,27 +161,21 @@ def test_walsender_is_answered_while_the_fence_waits(
     environment = f"answered-{uuid.uuid4().hex[:12]}"
     consumer.start()
     # GIVEN a consumer killed while the server executes its insert
-    faults.hold_inserts(executing=True)
-    publish_probes(pg_conn, 10, environment)
-    faults.wait_for_held_inserts()
-    assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
-    pg_conn.execute("ALTER SYSTEM SET wal_sender_timeout = '2s'")
-    pg_conn.execute("SELECT pg_reload_conf()")
-    try:
-        # WHEN it restarts and its fence waits on that insert past the walsender's timeout
-        consumer.start(streaming=False)
-        wait_for(lambda: faults.stats()["waiting_kills"] == 1, what="the fence to wait")
-        ((since,),) = pg_conn.execute("SELECT now()").fetchall()
-        # THEN its walsender keeps hearing from it, and is still its own
-        wait_for(
-            lambda: status_received_after(pg_conn, consumer.slot, since, seconds=3),
-            what="a status update 3 s into the fence",
-        )
-        assert faults.stats()["waiting_kills"] == 1
-    finally:
-        faults.release_inserts()
-        pg_conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
-        pg_conn.execute("SELECT pg_reload_conf()")
+    kill_while_an_insert_executes(consumer, faults, pg_conn, environment)
+    with short_wal_sender_timeout(pg_conn, "2s"):
+        try:
+            # WHEN it restarts and its fence waits on that insert past the walsender's timeout
+            consumer.start(streaming=False)
+            wait_for(lambda: faults.stats()["waiting_kills"] == 1, what="the fence to wait")
+            ((since,),) = pg_conn.execute("SELECT now()").fetchall()
+            # THEN its walsender keeps hearing from it, and is still its own
+            wait_for(
+                lambda: status_received_after(pg_conn, consumer.slot, since, seconds=3),
+                what="a status update 3 s into the fence",
+            )
+            assert faults.stats()["waiting_kills"] == 1
+        finally:
+            faults.release_inserts()
     consumer.wait_confirmed(current_wal_lsn(pg_conn))
     assert consumer.stop() == 0
     assert "source failed, reconnecting" not in consumer.log_text()

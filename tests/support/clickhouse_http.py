@@ -274,6 +274,19 @@ def insert_select_from_input(sql: bytes, path: Path) -> bytes | None:
     same rows are read from a file with the same structure, through the same SELECT (its
     WHERE, a guard, is evaluated as on a server: once, as the insert starts).
     """
+    parts = input_insert(sql)
+    if parts is None:
+        return None
+    function, data_format = parts
+    path.write_bytes(sql[data_format.end() :])
+    quoted = str(path).replace("\\", "\\\\").replace("'", "\\'").encode()
+    source = b"file('" + quoted + b"', '" + data_format.group(1) + b"', '" + function[1] + b"')"
+    return sql[: function.start()] + source + sql[function.end() : data_format.start()]
+
+
+def input_insert(sql: bytes) -> tuple[re.Match[bytes], re.Match[bytes]] | None:
+    """The `input('structure')` call and the `FORMAT fmt` that ends the statement before its
+    data, in an `INSERT ... SELECT ... FROM input(...)`; None for any other INSERT."""
     function = _INPUT_FUNCTION.search(sql)
     if function is None:
         return None
@@ -282,10 +295,7 @@ def insert_select_from_input(sql: bytes, path: Path) -> bytes | None:
         raise ClickHouseError.of(
             _SYNTAX_ERROR, "input() needs a FORMAT clause before its data", "SYNTAX_ERROR"
         )
-    path.write_bytes(sql[data_format.end() :])
-    quoted = str(path).replace("\\", "\\\\").replace("'", "\\'").encode()
-    source = b"file('" + quoted + b"', '" + data_format.group(1) + b"', '" + function[1] + b"')"
-    return sql[: function.start()] + source + sql[function.end() : data_format.start()]
+    return function, data_format
 
 
 def _values_insert(sql: bytes) -> bool:
@@ -422,10 +432,10 @@ class Engine:
     def evaluate_guard(self, query: Query) -> Query:
         """An `INSERT ... SELECT ... FROM input(...) WHERE <guard> FORMAT ...` with its guard
         evaluated now (raising as the server would) and replaced by true; others unchanged."""
-        function = _INPUT_FUNCTION.search(query.sql)
-        data_format = _DATA_FORMAT.search(query.sql, function.end()) if function else None
-        if function is None or data_format is None:
+        parts = input_insert(query.sql)
+        if parts is None:
             return query
+        function, data_format = parts
         where = _WHERE.search(query.sql, function.end(), data_format.start())
         if where is None:
             return query

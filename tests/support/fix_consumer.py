@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,26 @@ def publish_probes(conn: psycopg.Connection[Any], count: int, environment: str) 
         (environment, count),
     ).fetchall()
     return [row[0] for row in rows]
+
+
+def kill_while_an_insert_executes(
+    consumer: Consumer, faults: Any, pg_conn: psycopg.Connection[Any], environment: str
+) -> None:
+    """Publish 10 events and SIGKILL the consumer while the server executes their insert
+    (held as executing: past where a KILL QUERY can cancel it)."""
+    faults.hold_inserts(executing=True)
+    publish_probes(pg_conn, 10, environment)
+    faults.wait_for_held_inserts()
+    assert consumer.stop(signal.SIGKILL) == -signal.SIGKILL
+
+
+@contextmanager
+def short_wal_sender_timeout(pg_conn: psycopg.Connection[Any], value: str) -> Iterator[None]:
+    """The server's wal_sender_timeout set to `value` (e.g. '2s') for the block."""
+    pg_conn.execute(f"ALTER SYSTEM SET wal_sender_timeout = '{value}'")
+    pg_conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        pg_conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
+        pg_conn.execute("SELECT pg_reload_conf()")
