@@ -12,10 +12,9 @@ import json
 import sys
 from datetime import datetime
 
-import psycopg
 import structlog
 
-from cdc_consumer import backfill, clickhouse, migrations, provisioning
+from cdc_consumer import backfill, clickhouse, migrations, postgres, provisioning
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
@@ -65,7 +64,7 @@ def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
 
 
 def _report(settings: ConsumerSettings) -> SlotReport:
-    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         return slot_report(conn, settings.cdc_slot, settings.slot_thresholds())
 
 
@@ -85,7 +84,7 @@ def cmd_health(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     progress recently (it refreshes it every REFRESH_SECONDS at least), else 1."""
     report = _report(settings)
     stale_after = 3 * max(settings.cdc_status_interval_seconds, REFRESH_SECONDS)
-    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         row = conn.execute(
             "SELECT extract(epoch FROM clock_timestamp() - updated_at) FROM cdc_progress"
             " WHERE slot = %s",

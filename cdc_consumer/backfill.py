@@ -26,7 +26,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc_consumer import pgoutput, provisioning
+from cdc_consumer import pgoutput, postgres, provisioning
 from cdc_consumer.batch import Batch
 from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
 from cdc_consumer.clickhouse_sink import LEGACY_SOURCE, ClickHouseSink
@@ -70,10 +70,10 @@ def backfill(
     ClickHouse does not hold. Refuses while the slot exists and is usable."""
     url = settings.database_url.get_secret_value()
     slot = settings.cdc_slot
-    with psycopg.connect(url, autocommit=True) as conn:
+    with postgres.connect(url, autocommit=True) as conn:
         _drop_lost_slot(conn, slot)
         provisioning.ensure_publication(conn, settings.cdc_publication)
-    with psycopg.connect(url, autocommit=True, replication="database") as replication:
+    with postgres.connect(url, autocommit=True, replication="database") as replication:
         created = replication.execute(
             f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"
         ).fetchone()
@@ -120,7 +120,7 @@ def _ship(
     worker = SinkWorker(sink, retry_cap_seconds=30.0)
     read = skipped = 0
     try:
-        with psycopg.connect(url) as conn:
+        with postgres.connect(url) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             query = sql.SQL(

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from cdc_consumer import pgoutput
+from cdc_consumer import pgoutput, postgres
 
 log = structlog.get_logger(__name__)
 
@@ -71,11 +71,11 @@ class ProgressRecorder:
         try:
             if self._conn is None or self._conn.closed:
                 # A hung server must not stall the main loop past wal_sender_timeout.
-                self._conn = psycopg.connect(
+                self._conn = postgres.connect(
                     self._url,
                     autocommit=True,
                     connect_timeout=5,
-                    options="-c statement_timeout=5000",
+                    settings={"statement_timeout": "5000"},
                 )
             self._conn.execute(
                 _UPSERT,

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from cdc_consumer import migrations
+from cdc_consumer import migrations, postgres
 from cdc_consumer.clickhouse import ClickHouseTransport
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.outbox import OUTBOX_TABLE
@@ -72,14 +72,14 @@ def ensure_slot(conn: psycopg.Connection[Any], name: str) -> None:
 def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> None:
     """Apply sql/ to both databases, then make sure the publication and slot exist."""
     migrate_schemas(settings, clickhouse)
-    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         ensure_publication(conn, settings.cdc_publication)
         ensure_slot(conn, settings.cdc_slot)
 
 
 def migrate_schemas(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> None:
     """Apply sql/ to both databases (the backfill creates the slot itself)."""
-    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
     migrations.migrate_clickhouse(
         clickhouse, migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster

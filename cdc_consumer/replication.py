@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from cdc_consumer import postgres
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.pgoutput import lsn_to_str, str_to_lsn
 from cdc_consumer.sink import SourceIdentity
@@ -103,7 +104,7 @@ class ReplicationStream:
         # pgoutput sends text in the connection's client_encoding, by default the database's
         # own: asked for UTF-8, the server converts a LATIN1 (or other) database's text.
         with _source_errors("connect for replication"):
-            conn = psycopg.connect(
+            conn = postgres.connect(
                 url, autocommit=True, replication="database", client_encoding="UTF8"
             )
         return cls(conn, slot, publication)

@@ -9,10 +9,7 @@ bytes that are not UTF-8 reach the consumer from a real server (checked on Postg
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -35,48 +32,6 @@ def _insert_event(conn: psycopg.Connection[Any], event_type: str, context: str) 
         _OUTBOX_INSERT.format(event_type=event_type, context=context)
     ).fetchall()
     return str(event_id)
-
-
-@pytest.fixture
-def make_database(postgres_url: str) -> Iterator[Callable[[str], str]]:
-    """Create databases of a given encoding on the session's server; dropped afterwards."""
-    names: list[str] = []
-
-    def make(encoding: str) -> str:
-        name = f"enc_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(
-                f"CREATE DATABASE {name} ENCODING '{encoding}' TEMPLATE template0"
-                " LC_COLLATE 'C' LC_CTYPE 'C'"
-            )
-            if encoding == "SQL_ASCII":
-                # psycopg returns SQL_ASCII text as bytes, which the consumer's SQL connections
-                # (migrations, progress) do not expect; the replication connection chooses
-                # its own encoding, so this changes nothing about what the WAL delivers.
-                conn.execute(f"ALTER DATABASE {name} SET client_encoding = 'UTF8'")
-        names.append(name)
-        return urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-
-    yield make
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for name in names:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@pytest.fixture
-def consumer_over(
-    make_database: Callable[[str], str], make_consumer, clickhouse_server
-) -> Callable[[str], tuple[Consumer, str]]:
-    """A migrated, stopped consumer over a fresh database of an encoding, and that database's
-    URL. make_database is set up before make_consumer, so slots are dropped before databases."""
-
-    def make(encoding: str) -> tuple[Consumer, str]:
-        url = make_database(encoding)
-        consumer = make_consumer(clickhouse_server.url, database_url=url)
-        consumer.migrate()
-        return consumer, url
-
-    return make
 
 
 def test_latin1_text_arrives_converted_to_utf8(consumer_over, clickhouse_server) -> None:

@@ -200,6 +200,23 @@ def make_consumer(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., C
         consumer.close()
 
 
+@pytest.fixture
+def consumer_over(
+    make_database: Callable[..., str], make_consumer, clickhouse_server
+) -> Callable[..., tuple[Consumer, str]]:
+    """A migrated, stopped consumer over a fresh database (an encoding, database settings; see
+    make_database), and that database's URL. make_database is set up before make_consumer, so
+    slots are dropped before databases."""
+
+    def make(encoding: str = "UTF8", **settings: str) -> tuple[Consumer, str]:
+        url = make_database(encoding, **settings)
+        consumer = make_consumer(clickhouse_server.url, database_url=url)
+        consumer.migrate()
+        return consumer, url
+
+    return make
+
+
 def status_received_after(pg_conn, slot: str, since, *, seconds: float) -> bool:
     """True once the slot's walsender got a status update `seconds` after `since`."""
     row = pg_conn.execute(

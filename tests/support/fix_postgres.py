@@ -7,11 +7,14 @@ names an external server instead (CI with service containers, a developer's own 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from demo.postgres import DisposablePostgres
 
@@ -57,3 +60,36 @@ def pg_conn(postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection for checks outside Django."""
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def make_database(postgres_url: str) -> Iterator[Callable[..., str]]:
+    """Create databases on the session's server (an encoding, database-level settings such as
+    `ALTER DATABASE … SET datestyle`); dropped afterwards. Returns each one's URL."""
+    names: list[str] = []
+
+    def make(encoding: str = "UTF8", **settings: str) -> str:
+        name = f"db_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(
+                f"CREATE DATABASE {name} ENCODING '{encoding}' TEMPLATE template0"
+                " LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+            if encoding == "SQL_ASCII":
+                # psycopg returns SQL_ASCII text as bytes, which the consumer's SQL connections
+                # (migrations, progress) do not expect; the replication connection chooses
+                # its own encoding, so this changes nothing about what the WAL delivers.
+                settings.setdefault("client_encoding", "UTF8")
+            for setting, value in settings.items():
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                        sql.Identifier(name), sql.Identifier(setting), sql.Literal(value)
+                    )
+                )
+        names.append(name)
+        return urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
+
+    yield make
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
