@@ -72,7 +72,9 @@ def backfill(
     slot = settings.cdc_slot
     with postgres.connect(url, autocommit=True) as conn:
         _drop_lost_slot(conn, slot)
-        provisioning.ensure_publication(conn, settings.cdc_publication)
+        provisioning.ensure_publication(
+            conn, settings.cdc_publication, ignored=settings.ignored_tables
+        )
     with postgres.connect(url, autocommit=True, replication="database") as replication:
         created = replication.execute(
             f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"

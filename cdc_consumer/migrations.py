@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import structlog
@@ -73,6 +75,19 @@ def split_statements(sql: str) -> list[str]:
 
 def _has_code(chunk: str) -> bool:
     return any(line.strip() and not line.strip().startswith("--") for line in chunk.splitlines())
+
+
+@contextmanager
+def postgres_lock(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """The migrations' advisory lock for the session, across statements and transactions (the
+    slot cannot be created in a transaction that has written). migrate_postgres takes the same
+    lock per transaction, which a session already holding it is granted at once."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (_PG_ADVISORY_LOCK,))
+    try:
+        yield
+    finally:
+        if not conn.broken:  # a lost session has let go of its locks already
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_PG_ADVISORY_LOCK,))
 
 
 def migrate_postgres(conn: psycopg.Connection[tuple[object, ...]], directory: Path) -> list[str]:

@@ -6,6 +6,7 @@ these names from here, so a column cannot be added in one place and missed in an
 
 from __future__ import annotations
 
+OUTBOX_SCHEMA = "public"
 OUTBOX_TABLE = "event_outbox"
 # The outbox columns event_log is built from, in the order the encoder reads them (the backfill
 # selects them as text in this order, too).

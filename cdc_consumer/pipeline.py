@@ -25,7 +25,7 @@ from cdc_consumer.batch import Batch, BatchBuilder
 from cdc_consumer.delivery import SinkWorker, backoff_delay
 from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.event_log import EventLogEncoder
-from cdc_consumer.outbox import OUTBOX_TABLE
+from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.progress import ProgressRecorder, commit_time_from_pgoutput
 from cdc_consumer.replication import Keepalive, ReplicationStream
 from cdc_consumer.settings import ConsumerSettings
@@ -92,6 +92,7 @@ class _Session:
     stored: StoredPositions
     tx: _Transaction = field(default_factory=_Transaction)
     encoders: dict[int, EventLogEncoder | None] = field(default_factory=dict)
+    others: dict[int, pgoutput.Relation] = field(default_factory=dict)  # not the outbox
 
 
 def _undecodable(
@@ -106,6 +107,22 @@ def _undecodable(
         f" 'proto_version', '1', 'publication_names', '{settings.cdc_publication}',"
         " 'messages', 'true'); a relation name or message prefix that is not UTF-8 (a"
         " SQL_ASCII database) or a server speaking a newer protocol are the usual causes",
+    )
+
+
+def _not_the_outbox(relation: pgoutput.Relation, settings: ConsumerSettings) -> PipelineError:
+    """A table in our publication that is not the outbox: its rows are not ours to drop."""
+    name = f"{relation.namespace}.{relation.name}"
+    publication = settings.cdc_publication
+    return PipelineError(
+        ErrorKind.CONFIGURATION,
+        f"publication {publication} sends rows of {name}, which is not the outbox"
+        f" {OUTBOX_SCHEMA}.{OUTBOX_TABLE}; the slot stays before them",
+        hint=f"a partition of the outbox: ALTER PUBLICATION {publication} SET"
+        " (publish_via_partition_root = true), then recreate the slot and backfill; a renamed"
+        f" outbox: rename it back; a table that is not events: ALTER PUBLICATION {publication}"
+        f" DROP TABLE {name}, and add it to CDC_IGNORED_TABLES so the rows already published"
+        " (the slot still replays them) are skipped",
     )
 
 
@@ -248,7 +265,10 @@ class Pipeline:
         if isinstance(message, pgoutput.Insert):
             encoder = s.encoders.get(message.relation_id)
             if encoder is None:
-                return  # another table in the publication: not ours to ship
+                other = s.others.get(message.relation_id)
+                if other is not None:  # stop before its row, so before the commit holding it
+                    raise _not_the_outbox(other, self._settings)
+                return  # a table listed in CDC_IGNORED_TABLES
             seq = s.tx.next_seq
             s.tx.next_seq += 1
             if s.tx.stored is not None and covers(s.tx.stored, seq):
@@ -266,10 +286,17 @@ class Pipeline:
                 self._submit(s, batch)
         elif isinstance(message, pgoutput.Relation):
             # Re-sent after every schema change: rebuild so columns are found by name again.
-            ours = message.name == OUTBOX_TABLE
+            # Not refused here: published through the root, a partition's insert is preceded
+            # by a Relation for the partition too, and then by the root's, which it names.
+            name = (message.namespace, message.name)
+            ours = name == (OUTBOX_SCHEMA, OUTBOX_TABLE)
             s.encoders[message.relation_id] = (
                 EventLogEncoder(message, source=self._settings.source) if ours else None
             )
+            if ours or name in self._settings.ignored_tables:
+                s.others.pop(message.relation_id, None)
+            else:
+                s.others[message.relation_id] = message
 
     def _submit(self, s: _Session, batch: Batch) -> None:
         """Hand a batch to the sink worker, keeping the walsender answered while it is busy."""

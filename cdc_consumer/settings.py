@@ -22,9 +22,11 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdc_consumer.clickhouse_cluster import InsertQuorum
+from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.status import SlotThresholds
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_QUALIFIED_TABLE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}\.[a-z_][a-z0-9_$]{0,62}$")
 # A cluster name from the server's remote_servers, or a macro naming one (`{cluster}`).
 _CLUSTER = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|\{[A-Za-z0-9_]{1,64}\})$")
 
@@ -34,6 +36,17 @@ def _postgres_identifier(value: str) -> str:
     # (the walsender speaks only the simple-query protocol), so they are validated here.
     if not _IDENTIFIER.match(value):
         raise ValueError("must be a lowercase identifier: letters, digits, underscore")
+    return value
+
+
+def _ignored_tables(value: str) -> str:
+    # `schema.table` names pgoutput reports (no quoting: such tables are named by the same
+    # rule as our own identifiers); never the outbox, whose rows would then vanish.
+    for name in filter(None, (part.strip() for part in value.split(","))):
+        if not _QUALIFIED_TABLE.match(name):
+            raise ValueError(f"{name!r} is not a lowercase schema.table name")
+        if name == f"{OUTBOX_SCHEMA}.{OUTBOX_TABLE}":
+            raise ValueError(f"{name} is the outbox: its rows are the events")
     return value
 
 
@@ -119,6 +132,12 @@ class ConsumerSettings(SlotCheckSettings):
     # and the backfill. Defaults to the slot's name. Two PostgreSQL servers writing one
     # event_log need distinct names (a clash is refused at startup, never merged).
     cdc_source: Identifier | None = None
+    # Tables in the publication that are not the outbox stop the consumer, since silently
+    # dropping their rows would also drop a renamed or partitioned outbox's events. Listing one
+    # here (comma-separated schema.table) is the operator saying its rows are not events: they
+    # are skipped. The escape for a table published by mistake, whose rows the slot replays
+    # even after it leaves the publication.
+    cdc_ignored_tables: Annotated[str, AfterValidator(_ignored_tables)] = ""
     # ClickHouse guidance: >= 1,000 rows per insert, ideally 10k-100k, about one insert a second.
     # The row bound stays under the block size the sink pins (clickhouse_sink.INSERT_SETTINGS),
     # so a batch is one block per partition; no batch exceeds either limit (one row larger
@@ -157,6 +176,14 @@ class ConsumerSettings(SlotCheckSettings):
         if value != 0 and "clickhouse_cluster" in info.data and not info.data["clickhouse_cluster"]:
             raise ValueError("needs CLICKHOUSE_CLUSTER: only replicated tables have a quorum")
         return value
+
+    @property
+    def ignored_tables(self) -> frozenset[tuple[str, str]]:
+        """CDC_IGNORED_TABLES as (schema, table) pairs."""
+        names = (part.strip() for part in self.cdc_ignored_tables.split(","))
+        return frozenset(
+            (schema, table) for schema, _, table in (n.partition(".") for n in names if n)
+        )
 
     @property
     def source(self) -> str:

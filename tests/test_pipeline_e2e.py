@@ -171,9 +171,10 @@ def test_confirmed_lsn_never_passes_an_event_not_in_clickhouse(
     assert consumer.stop() == 0
 
 
-def test_changes_to_other_tables_are_ignored(make_consumer, clickhouse_server, pg_conn):
-    """Inserts into another table of the publication are skipped and the stream moves on."""
-    consumer = make_consumer(clickhouse_server.url)
+def test_changes_to_ignored_tables_are_skipped(make_consumer, clickhouse_server, pg_conn):
+    """Inserts into a table of the publication listed in CDC_IGNORED_TABLES are skipped and the
+    stream moves on (unlisted, it stops the consumer: test_publication_relations.py)."""
+    consumer = make_consumer(clickhouse_server.url, CDC_IGNORED_TABLES="public.unrelated")
     consumer.migrate()
     pg_conn.execute("CREATE TABLE IF NOT EXISTS unrelated (id int, note text)")
     pg_conn.execute(f"ALTER PUBLICATION {consumer.env['CDC_PUBLICATION']} ADD TABLE unrelated")

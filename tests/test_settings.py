@@ -1,4 +1,4 @@
-"""cdc_consumer.settings: the ClickHouse cluster variables, read once from the environment."""
+"""cdc_consumer.settings: variables with rules of their own, read once from the environment."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _REQUIRED = {
 @pytest.fixture
 def env(monkeypatch):
     """The required variables and no cluster ones; tests set what they need."""
-    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM"):
+    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM", "CDC_IGNORED_TABLES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in _REQUIRED.items():
         monkeypatch.setenv(name, value)
@@ -102,3 +102,26 @@ def test_bad_cluster_is_reported_once_even_with_a_quorum(env):
     refusal = _refusal(env, CLICKHOUSE_CLUSTER="it's", CLICKHOUSE_INSERT_QUORUM="2")
     assert "\n" not in refusal
     assert refusal.startswith("configuration error: CLICKHOUSE_CLUSTER ")
+
+
+def test_ignored_tables_are_read_as_schema_and_table(env):
+    """CDC_IGNORED_TABLES: comma-separated schema.table names, spaces allowed around commas."""
+    env.setenv("CDC_IGNORED_TABLES", "public.audit_trail, billing.invoice_lines")
+    assert load_settings().ignored_tables == {
+        ("public", "audit_trail"),
+        ("billing", "invoice_lines"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("audit_trail", "'audit_trail' is not a lowercase schema.table name"),
+        ("public.event_outbox", "public.event_outbox is the outbox"),
+    ],
+)
+def test_ignored_table_that_is_unqualified_or_the_outbox_is_refused(env, value, reason):
+    """A name without its schema, or the outbox itself (its rows would vanish), is refused."""
+    message = _refusal(env, CDC_IGNORED_TABLES=value)
+    assert "CDC_IGNORED_TABLES" in message
+    assert reason in message
