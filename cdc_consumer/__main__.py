@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--since",
         type=_aware_time,
-        help="backfill: re-ship outbox rows created at or after this ISO 8601 time",
+        help="backfill: re-ship outbox rows committed at or after this ISO 8601 time",
     )
     parser.add_argument(
         "--print-clickhouse-ddl",

@@ -8,8 +8,17 @@ Exactly once, by construction rather than by merges:
   twice, whenever the consumer starts.
 - The backfill claims its source and fences earlier runs first, as a consumer run does, so no
   insert of the run that lost the slot lands after the presence check.
+- `--since` is a commit time: rows are chosen by their transaction's commit timestamp
+  (`pg_xact_commit_timestamp(xmin)`, less a margin), not by `created_at`, which is taken when
+  the transaction began: one that began before `since` and committed in the gap is in. A row
+  whose commit time is unknown (committed while track_commit_timestamp was off, or older than
+  the server keeps them) cannot be placed, so it is read too; the presence check below sorts
+  it out.
 - Rows whose event_id is already in event_log or event_log_dead_letter for this source are
   skipped, so rows the old slot did deliver (and a second backfill run) are not sent again.
+  Rows are read in publish-time order, so a chunk spans a short stretch of event_date_time:
+  the check names that stretch, which ClickHouse finds through the partition key and the sort
+  key (event_type, event_date_time, …; few event types) instead of reading every event_id.
 - Rows go through the consumer's own encoder and sink worker (same bytes, same retries, same
   dead-lettering). Their source position is (0, 0): they have no LSN in the new slot's WAL
   history, and the consumer's restart read, which starts at the slot's confirmed position,
@@ -18,8 +27,9 @@ Exactly once, by construction rather than by merges:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -40,6 +50,13 @@ from cdc_consumer.sink import ORIGIN
 log = structlog.get_logger(__name__)
 
 CHUNK_ROWS = 10_000
+# Each id is ~40 bytes of SQL and the query names them twice: 2,000 keep it near 160 KB, inside
+# ClickHouse's max_query_size (256 KiB), which a query's own SETTINGS cannot raise (it is
+# read before the query is parsed). Measured: a whole 10,000-row chunk at once is refused.
+PRESENCE_IDS_PER_QUERY = 2_000
+# Read from this long before `since`: commit timestamps come from the server's clock, `since`
+# often from an operator's, and a row read twice costs only its presence check.
+COMMIT_TIME_MARGIN = timedelta(minutes=1)
 # The outbox columns the encoder needs, read as `::text`: the same text pgoutput sends.
 _COLUMNS = OUTBOX_COLUMNS
 _RELATION = pgoutput.Relation(
@@ -51,11 +68,26 @@ _RELATION = pgoutput.Relation(
 )
 
 
+# Whether the commit time is unknown, then the encoder's columns as text (the text pgoutput
+# sends), in publish-time order (the presence check's time bounds come from it).
+_SELECT = sql.SQL(
+    "SELECT committed_at IS NULL, {columns} FROM {table},"
+    " LATERAL (SELECT pg_xact_commit_timestamp({table}.xmin) AS committed_at) AS c"
+    " WHERE committed_at >= %(since)s OR committed_at IS NULL"
+    " ORDER BY event_date_time, event_id"
+).format(
+    columns=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in _COLUMNS),
+    table=sql.Identifier(OUTBOX_TABLE),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class BackfillResult:
     slot: str
     since: str
-    read: int  # outbox rows created at or after `since`, visible before the new slot
+    read_from: str  # commit time read from: `since` less COMMIT_TIME_MARGIN
+    read: int  # outbox rows committed since then (or at an unknown time), before the new slot
+    unknown_commit_time: int  # of those, rows whose commit time the server no longer knows
     skipped: int  # already in event_log or the dead-letter table
     shipped: int  # written by this run
 
@@ -66,7 +98,7 @@ class BackfillResult:
 def backfill(
     settings: ConsumerSettings, transport: ClickHouseTransport, since: datetime
 ) -> BackfillResult:
-    """Recreate the (missing or lost) slot and ship outbox rows created since `since` that
+    """Recreate the (missing or lost) slot and ship outbox rows committed since `since` that
     ClickHouse does not hold. Refuses while the slot exists and is usable."""
     url = settings.database_url.get_secret_value()
     slot = settings.cdc_slot
@@ -120,26 +152,20 @@ def _ship(
     # the presence check reads what is there, or its rows would be shipped a second time.
     sink.fence_earlier_runs()
     worker = SinkWorker(sink, retry_cap_seconds=30.0)
-    read = skipped = 0
+    read = skipped = unknown = 0
     try:
         with postgres.connect(url) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            query = sql.SQL(
-                "SELECT {columns} FROM {table} WHERE created_at >= %s ORDER BY created_at, event_id"
-            ).format(
-                columns=sql.SQL(", ").join(
-                    sql.SQL("{}::text").format(sql.Identifier(c)) for c in _COLUMNS
-                ),
-                table=sql.Identifier(OUTBOX_TABLE),
-            )
             with conn.cursor(name="backfill") as cursor:
                 cursor.itersize = CHUNK_ROWS
-                cursor.execute(query, (since,))
-                while rows := cursor.fetchmany(CHUNK_ROWS):
-                    read += len(rows)
-                    present = _present(transport, source, [row[0] for row in rows])
-                    fresh = [row for row in rows if row[0] not in present]
+                cursor.execute(_SELECT, {"since": since - COMMIT_TIME_MARGIN})
+                while chunk := cursor.fetchmany(CHUNK_ROWS):
+                    read += len(chunk)
+                    unknown += sum(1 for row in chunk if row[0])
+                    rows = [row[1:] for row in chunk]
+                    present = present_in_clickhouse(transport, source, rows)
+                    fresh = [row for row in rows if row[_EVENT_ID] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
                         encoder.encode([_wire(value) for value in row], ORIGIN) for row in fresh
@@ -153,24 +179,51 @@ def _ship(
     return BackfillResult(
         slot=settings.cdc_slot,
         since=since.isoformat(),
+        read_from=(since - COMMIT_TIME_MARGIN).isoformat(),
         read=read,
+        unknown_commit_time=unknown,
         skipped=skipped,
         shipped=read - skipped,
     )
 
 
-def _present(transport: ClickHouseTransport, source: str, event_ids: list[str]) -> set[str]:
-    """The event ids of this chunk that ClickHouse already holds for this source, delivered or
-    dead-lettered."""
+def presence_sql(source: str, event_ids: list[str], published: tuple[str, str]) -> str:
+    """The query for which of `event_ids` (published between the two event_date_time texts)
+    ClickHouse already holds for this source, delivered or dead-lettered. The time bounds let
+    event_log be read by its partition and sort key; the dead-letter table, small and sorted by
+    position, is read whole."""
     quoted = ",".join(f"'{event_id}'" for event_id in event_ids)  # uuid text: no quotes inside
     sources = f"source IN ({quote_string(source)}, {quote_string(LEGACY_SOURCE)})"
-    rows = transport.select(
+    # A second either side: the bounds are parsed here as the encoder's text was at insert.
+    earliest, latest = (
+        f"parseDateTime64BestEffort({quote_string(text)}, 6, 'UTC')" for text in published
+    )
+    return (
         f"SELECT toString(event_id) FROM {EVENT_LOG_TABLE}"
-        f" WHERE {sources} AND event_id IN ({quoted})"
+        f" WHERE {sources} AND event_date_time >= {earliest} - INTERVAL 1 SECOND"
+        f" AND event_date_time <= {latest} + INTERVAL 1 SECOND AND event_id IN ({quoted})"
         f" UNION ALL SELECT event_id FROM {DEAD_LETTER_TABLE}"
         f" WHERE {sources} AND event_id IN ({quoted})"
     )
-    return {str(row[0]) for row in rows}
+
+
+_EVENT_ID = OUTBOX_COLUMNS.index("event_id")
+_PUBLISHED = OUTBOX_COLUMNS.index("event_date_time")
+
+
+def present_in_clickhouse(
+    transport: ClickHouseTransport, source: str, rows: Sequence[Sequence[str | None]]
+) -> set[str]:
+    """The event ids of a chunk (in publish-time order) that ClickHouse already holds, asked
+    PRESENCE_IDS_PER_QUERY at a time."""
+    present: set[str] = set()
+    for start in range(0, len(rows), PRESENCE_IDS_PER_QUERY):
+        part = rows[start : start + PRESENCE_IDS_PER_QUERY]
+        event_ids = [str(row[_EVENT_ID]) for row in part]
+        published = (str(part[0][_PUBLISHED]), str(part[-1][_PUBLISHED]))
+        answer = transport.select(presence_sql(source, event_ids, published))
+        present.update(str(row[0]) for row in answer)
+    return present
 
 
 def _submit(worker: SinkWorker, batch: Batch) -> None:

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
 
+import psycopg
 import pytest
 
-from tests.support.fix_clickhouse import clickhouse_select
-from tests.support.fix_consumer import current_wal_lsn, publish_probes
+from cdc_consumer import backfill
+from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select, granules_read
+from tests.support.fix_consumer import Consumer, current_wal_lsn, publish_probes
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def own_outbox(consumer_over) -> Iterator[tuple[Consumer, psycopg.Connection[Any]]]:
+    """A migrated consumer over a database of its own, and a connection to it: the backfill
+    ships every outbox row its source lacks, so other tests' events must not be in reach."""
+    consumer, url = consumer_over()
+    with psycopg.connect(url, autocommit=True) as conn:
+        yield consumer, conn
 
 
 def _counts(clickhouse_url: str, ids: list[str]) -> tuple[int, int, int]:
@@ -24,21 +38,20 @@ def _counts(clickhouse_url: str, ids: list[str]) -> tuple[int, int, int]:
 
 
 def test_backfill_after_a_dropped_slot_delivers_the_gap_once(
-    merges_stopped, make_consumer, clickhouse_server, pg_conn
+    merges_stopped, own_outbox, clickhouse_server
 ):
     """Shipped, then the slot is dropped and events land in the gap; backfill ships the gap and
     skips what was there, the consumer streams what follows: every event once, without FINAL."""
     # GIVEN events shipped through the slot
-    consumer = make_consumer(clickhouse_server.url)
-    consumer.migrate()
-    since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    consumer, db = own_outbox
+    since = db.execute("SELECT clock_timestamp()").fetchone()[0]
     consumer.start()
-    shipped = publish_probes(pg_conn, 20, "before-loss")
-    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    shipped = publish_probes(db, 20, "before-loss")
+    consumer.wait_confirmed(current_wal_lsn(db))
     assert consumer.stop() == 0
     # WHEN the slot is lost and events are published with no slot to retain them
-    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
-    gap = publish_probes(pg_conn, 30, "in-the-gap")
+    db.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    gap = publish_probes(db, 30, "in-the-gap")
     # AND the operator backfills from before the loss (generously: shipped rows are skipped)
     result = consumer.cli("backfill", "--since", since.isoformat())
     assert result.returncode == 0, result.stderr
@@ -46,17 +59,66 @@ def test_backfill_after_a_dropped_slot_delivers_the_gap_once(
     assert summary["shipped"] == 30
     assert summary["skipped"] == 20
     # AND more events follow, streamed by the consumer through the recreated slot
-    after = publish_probes(pg_conn, 10, "after-backfill")
+    after = publish_probes(db, 10, "after-backfill")
     consumer.start()
-    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    consumer.wait_confirmed(current_wal_lsn(db))
     assert consumer.stop() == 0
     # THEN every event is in event_log exactly once; only the gap came from the backfill
     assert _counts(clickhouse_server.url, shipped + gap + after) == (60, 60, 30)
     assert _counts(clickhouse_server.url, gap) == (30, 30, 30)
     # AND a second backfill finds nothing left to ship (the slot must be gone again to run)
-    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    db.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
     again = json.loads(consumer.cli("backfill", "--since", since.isoformat()).stdout)
     assert (again["shipped"], again["skipped"]) == (0, 60)
+
+
+def test_transaction_begun_before_since_and_committed_in_the_gap_is_shipped_once(
+    merges_stopped, own_outbox, clickhouse_server
+):
+    """`--since` is a commit time: an event whose transaction began before it (so its
+    created_at is older) and committed after the slot was lost is re-shipped, once."""
+    # GIVEN events shipped through the slot, and a transaction that inserts an event and
+    # stays open
+    consumer, db = own_outbox
+    consumer.start()
+    shipped = publish_probes(db, 5, "before-loss")
+    consumer.wait_confirmed(current_wal_lsn(db))
+    assert consumer.stop() == 0
+    with psycopg.connect(db.info.dsn) as long_running:
+        late = publish_probes(long_running, 1, "begun-before-since")
+        # WHEN the operator's `since` is taken after that transaction began, the slot is
+        # lost, and the transaction commits in the gap, beside other gap events
+        since = db.execute("SELECT clock_timestamp()").fetchone()[0]
+        db.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    gap = publish_probes(db, 3, "in-the-gap")
+    [[created_at]] = db.execute(
+        "SELECT created_at FROM event_outbox WHERE event_id = %s", (late[0],)
+    ).fetchall()
+    assert created_at < since
+    result = consumer.cli("backfill", "--since", since.isoformat())
+    assert result.returncode == 0, result.stderr
+    # THEN the backfill ships the gap events and the late one, and skips what shipped before
+    # (read because it committed within the margin before `since`)
+    summary = json.loads(result.stdout)
+    assert (summary["shipped"], summary["skipped"], summary["unknown_commit_time"]) == (4, 5, 0)
+    assert _counts(clickhouse_server.url, shipped + late + gap) == (9, 9, 4)
+
+
+def test_gap_larger_than_one_presence_query_is_shipped_once(
+    merges_stopped, own_outbox, clickhouse_server
+):
+    """A gap of 5,000 events (more ids than one ClickHouse query may name) is shipped, once."""
+    # GIVEN a lost slot and 5,000 events published in the gap
+    consumer, db = own_outbox
+    since = db.execute("SELECT clock_timestamp()").fetchone()[0]
+    db.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    gap = publish_probes(db, 5000, "large-gap")
+    # WHEN the operator backfills
+    result = consumer.cli("backfill", "--since", since.isoformat())
+    # THEN every event is shipped once
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["shipped"] == 5000
+    assert _counts(clickhouse_server.url, gap) == (5000, 5000, 5000)
 
 
 @pytest.fixture
@@ -88,19 +150,18 @@ def _invalidate(pg_conn, slot: str) -> None:
 
 
 def test_slot_invalidated_by_postgres_is_critical_and_backfill_recovers(
-    merges_stopped, make_consumer, clickhouse_server, pg_conn, slot_wal_limit
+    merges_stopped, own_outbox, clickhouse_server, pg_conn, slot_wal_limit
 ):
     """PostgreSQL gives up a slot past max_slot_wal_keep_size: `status` is critical naming
     wal_status lost; backfill drops and recreates it and ships the gap, each event once."""
     # GIVEN events shipped, then the consumer stopped while events keep coming
-    consumer = make_consumer(clickhouse_server.url)
-    consumer.migrate()
-    since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    consumer, db = own_outbox
+    since = db.execute("SELECT clock_timestamp()").fetchone()[0]
     consumer.start()
-    shipped = publish_probes(pg_conn, 10, "before-invalidation")
-    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    shipped = publish_probes(db, 10, "before-invalidation")
+    consumer.wait_confirmed(current_wal_lsn(db))
     assert consumer.stop() == 0
-    gap = publish_probes(pg_conn, 15, "while-lost")
+    gap = publish_probes(db, 15, "while-lost")
     # WHEN the slot's WAL allowance runs out and a checkpoint invalidates it
     slot_wal_limit("1MB")
     _invalidate(pg_conn, consumer.slot)
@@ -115,8 +176,8 @@ def test_slot_invalidated_by_postgres_is_critical_and_backfill_recovers(
     assert json.loads(result.stdout)["shipped"] == 15
     slot_wal_limit("10GB")
     consumer.start()
-    after = publish_probes(pg_conn, 5, "after-recovery")
-    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    after = publish_probes(db, 5, "after-recovery")
+    consumer.wait_confirmed(current_wal_lsn(db))
     assert consumer.stop() == 0
     assert _counts(clickhouse_server.url, shipped + gap + after) == (30, 30, 15)
 
@@ -136,3 +197,43 @@ def test_backfill_needs_an_aware_time(make_consumer, clickhouse_server):
     result = consumer.cli("backfill", "--since", "2026-11-25T00:00:00")
     assert result.returncode != 0
     assert "offset" in result.stderr
+
+
+def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhouse_server):
+    """With two million rows of the source in event_log, checking a chunk of 500 events
+    published within a minute selects a few granules, where the check by event_id alone reads
+    every one of them."""
+    # GIVEN two million rows of one source, published over about a month (a month of their own,
+    # dropped afterwards) under three event types
+    source = f"presence_{uuid.uuid4().hex[:8]}"
+    rows = 2_000_000
+    clickhouse_command(
+        clickhouse_server.url,
+        "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
+        " event_context, event_context_raw, metadata_version, source, source_lsn, source_seq)"
+        " SELECT generateUUIDv4(number), ['a', 'b', 'c'][number % 3 + 1],"
+        "  toDateTime64('2001-02-01 00:00:00', 6, 'UTC') + toIntervalMicrosecond(number * 1000000),"
+        f"  'bulk', '{{}}', '{{}}', 1, '{source}', number + 1, 0 FROM numbers({rows})",
+    )
+    try:
+        # WHEN a chunk of 500 consecutive events is checked, in publish-time order
+        chunk = clickhouse_select(
+            clickhouse_server.url,
+            "SELECT toString(event_id), toString(event_date_time) FROM event_log"
+            f" WHERE source = '{source}' ORDER BY event_date_time LIMIT 500 OFFSET 1000000",
+        )
+        event_ids = [event_id for event_id, _ in chunk]
+        query = backfill.presence_sql(source, event_ids, (chunk[0][1], chunk[-1][1]))
+        found = clickhouse_select(clickhouse_server.url, query)
+        plan = clickhouse_select(clickhouse_server.url, f"EXPLAIN indexes = 1 {query}")
+        by_id_alone = clickhouse_select(
+            clickhouse_server.url,
+            "EXPLAIN indexes = 1 SELECT event_id FROM event_log"
+            f" WHERE source = '{source}' AND event_id IN ({','.join(repr(i) for i in event_ids)})",
+        )
+    finally:
+        clickhouse_command(clickhouse_server.url, "ALTER TABLE event_log DROP PARTITION 200102")
+    # THEN every event of the chunk is found, reading a handful of granules of the 245
+    assert sorted(row[0] for row in found) == sorted(event_ids)
+    assert granules_read(plan) <= 6, plan
+    assert granules_read(by_id_alone) >= rows // 8192, by_id_alone

@@ -3,7 +3,6 @@ slot's confirmed position rather than by the size of event_log."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Any
 
@@ -14,7 +13,7 @@ from cdc_consumer import migrations, pgoutput
 from cdc_consumer.clickhouse import connect
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
-from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
+from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select, granules_read
 from tests.support.fix_consumer import (
     current_wal_lsn,
     kill_while_an_insert_executes,
@@ -25,8 +24,6 @@ from tests.support.fix_consumer import (
 )
 
 pytestmark = pytest.mark.e2e
-
-_READ = re.compile(r"Parts: \d+ \| Granules: (\d+)")
 
 
 def _next_transaction(pg_conn: psycopg.Connection[Any], consumer) -> tuple[int, list[str]]:
@@ -133,21 +130,9 @@ def test_restart_read_selects_granules_above_the_confirmed_position_only(
         clickhouse_command(clickhouse_server.url, "ALTER TABLE event_log DROP PARTITION 200101")
     # THEN event_log is read in a handful of granules, where reading from the origin reads
     # every granule of the table
-    assert _granules_read(explained) <= 4, explained
-    assert _granules_read(everything) >= rows // 8192, everything
+    assert granules_read(explained) <= 4, explained
+    assert granules_read(everything) >= rows // 8192, everything
     assert stored.rows == 0
-
-
-def _granules_read(plan: list[list[Any]]) -> int:
-    """Granules of event_log the plan reads once every index has been applied."""
-    lines = [str(row[0]) for row in plan]
-    for n, line in enumerate(lines):
-        if "ReadFromMergeTree" in line and "event_log)" in line:
-            for following in lines[n : n + 4]:
-                match = _READ.search(following)
-                if match:
-                    return int(match.group(1))
-    pytest.fail("the plan reads no event_log:\n" + "\n".join(lines))
 
 
 def test_walsender_is_answered_while_the_fence_waits(

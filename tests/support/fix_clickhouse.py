@@ -305,3 +305,18 @@ def merges_stopped(clickhouse_server: ClickHouseServer) -> Iterator[ClickHouseSe
             url, "ALTER TABLE event_log RESET SETTING parts_to_delay_insert, parts_to_throw_insert"
         )
         clickhouse_command(url, "SYSTEM START MERGES event_log")
+
+
+_GRANULES = re.compile(r"Parts: \d+ \| Granules: (\d+)")
+
+
+def granules_read(plan: list[list[Any]], table: str = "event_log") -> int:
+    """Granules of `table` an `EXPLAIN indexes = 1` plan reads once every index is applied."""
+    lines = [str(row[0]) for row in plan]
+    for n, line in enumerate(lines):
+        if "ReadFromMergeTree" in line and f"{table})" in line:
+            for following in lines[n : n + 4]:
+                match = _GRANULES.search(following)
+                if match:
+                    return int(match.group(1))
+    pytest.fail(f"the plan reads no {table}:\n" + "\n".join(lines))

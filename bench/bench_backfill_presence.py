@@ -1,0 +1,99 @@
+"""The backfill's presence check against the size of event_log: which of a chunk of event ids
+ClickHouse already holds, looked up by the chunk's stretch of publish time (what the backfill
+does) against by event_id alone (what it did before).
+
+    .venv/bin/python bench/bench_backfill_presence.py [--rows 10000000 100000000] [--chunk 10000]
+
+For each size: a fresh chDB data directory with sql/clickhouse applied, N synthetic rows of one
+source under five event types, one event a second of publish time (a long stretch; the denser
+a real outbox, the narrower a chunk's stretch), then the backfill's check for `--chunk`
+consecutive events in the middle (PRESENCE_IDS_PER_QUERY ids per query), and one query's worth
+by time stretch and by id alone. Each runs three times warm; best and median are printed with
+the granules the plan selects. Prints one JSON line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import (
+    best_and_median,
+    fresh_clickhouse,
+    granules_selected,
+    timed,
+    where_and_when,
+)
+from cdc_consumer import backfill
+from cdc_consumer.outbox import OUTBOX_COLUMNS
+
+SOURCE = "bench_source"
+EVENT_TYPES = "['user_created', 'user_updated', 'order_placed', 'order_paid', 'login']"
+
+
+def measure(rows: int, chunk: int) -> dict[str, object]:
+    with fresh_clickhouse("bench-presence-") as transport:
+        started = time.perf_counter()
+        transport.command(
+            "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
+            " event_context, event_context_raw, metadata_version, source, source_lsn,"
+            " source_seq) SELECT generateUUIDv4(number),"
+            f" {EVENT_TYPES}[number % 5 + 1],"
+            " toDateTime64('2024-01-01 00:00:00', 6, 'UTC') + toIntervalSecond(number),"
+            f" 'bench', '{{}}', '{{}}', 1, '{SOURCE}', number + 1, 0 FROM numbers({rows})"
+        )
+        fill_seconds = time.perf_counter() - started
+        picked = transport.select(
+            "SELECT toString(event_id), toString(event_date_time) FROM event_log"
+            f" ORDER BY event_date_time LIMIT {chunk} OFFSET {rows // 2}"
+        )
+        # Outbox rows as the backfill holds them: the OUTBOX_COLUMNS, as text.
+        outbox_rows = [
+            tuple(str(row[0]) if c == "event_id" else str(row[1]) for c in OUTBOX_COLUMNS)
+            for row in picked
+        ]
+        present = backfill.present_in_clickhouse(transport, SOURCE, outbox_rows)
+        assert len(present) == chunk
+        chunk_s = timed(lambda: backfill.present_in_clickhouse(transport, SOURCE, outbox_rows))
+        # One query's worth, by time stretch and by id alone.
+        part = picked[: backfill.PRESENCE_IDS_PER_QUERY]
+        ids = [str(row[0]) for row in part]
+        bounded = backfill.presence_sql(SOURCE, ids, (str(part[0][1]), str(part[-1][1])))
+        quoted = ",".join(f"'{event_id}'" for event_id in ids)
+        by_id = (
+            "SELECT toString(event_id) FROM event_log"
+            f" WHERE source = '{SOURCE}' AND event_id IN ({quoted})"
+        )
+        assert len(transport.select(by_id)) == len(ids)
+        bounded_s = timed(lambda: transport.select(bounded))
+        by_id_s = timed(lambda: transport.select(by_id))
+        return {
+            "rows": rows,
+            "chunk": chunk,
+            "fill_seconds": round(fill_seconds, 1),
+            **best_and_median("chunk_check", chunk_s),
+            "ids_per_query": len(ids),
+            **best_and_median("by_time", bounded_s),
+            "by_time_granules": granules_selected(transport, bounded),
+            **best_and_median("by_id", by_id_s),
+            "by_id_granules": granules_selected(transport, by_id),
+            **where_and_when(),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000, 100_000_000])
+    parser.add_argument("--chunk", type=int, default=backfill.CHUNK_ROWS)
+    args = parser.parse_args()
+    for rows in args.rows:
+        print(json.dumps(measure(rows, args.chunk)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
