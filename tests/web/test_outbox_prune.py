@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from django.db import connection
 
 from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import current_wal_lsn, publish_probes, wait_for
@@ -142,3 +143,67 @@ def test_missing_slot_stops_pruning(make_consumer, clickhouse_server, pg_conn):
     assert result.deleted == 0
     assert "missing or lost" in (result.skipped_reason or "")
     assert _present(pg_conn, ids) == set(ids)
+
+
+def _restart_with_commit_timestamps(server, postgres_url: str, value: str) -> None:
+    """track_commit_timestamp takes effect only at server start."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET track_commit_timestamp = {value}")
+    connection.close()  # Django's session would not survive the restart; it reconnects lazily
+    server.stop()
+    server.start()
+
+
+def _slot_passed(postgres_url: str, slot: str, event_ids: list[str]) -> bool:
+    """The slot's catalog_xmin (the oldest transaction still running at a position it has
+    passed) is newer than the transactions that wrote `event_ids`."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        [[passed]] = conn.execute(
+            "SELECT bool_and(age(o.xmin) > age(s.catalog_xmin)) FROM event_outbox o,"
+            " pg_replication_slots s WHERE s.slot_name = %s AND o.event_id::text = ANY(%s)",
+            (slot, event_ids),
+        ).fetchall()
+    return bool(passed)
+
+
+def test_rows_whose_commit_time_is_unknown_go_once_the_slot_has_passed_them(
+    make_consumer, clickhouse_server, postgres_server, postgres_url
+):
+    """Rows the server keeps no commit time for (committed while track_commit_timestamp was off,
+    as rows older than its commit-timestamp horizon also read) are kept while the slot has not
+    passed them, and pruned once it has: the outbox does not grow without end."""
+    # GIVEN a consumer that has shipped and stopped
+    consumer = make_consumer(clickhouse_server.url)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        _ship_and_stop(consumer, conn, "prune-known")
+    # AND rows committed while the server kept no commit timestamps
+    _restart_with_commit_timestamps(postgres_server, postgres_url, "off")
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            unknown = publish_probes(conn, 3, "prune-unknown-commit-time")
+    finally:
+        _restart_with_commit_timestamps(postgres_server, postgres_url, "on")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        assert {_commit_time(conn, event_id) for event_id in unknown} == {None}
+        # WHEN pruning runs before the consumer has shipped them
+        _prune(consumer.slot)
+        # THEN they stay
+        assert _present(conn, unknown) == set(unknown)
+        # WHEN the consumer ships them and passes a running-transactions record after them
+        consumer.start()
+        conn.execute("SELECT pg_log_standby_snapshot()")
+        later = publish_probes(conn, 1, "prune-after-unknown")
+        _wait_shipped(conn, consumer, later[0])
+        wait_for(
+            lambda: _slot_passed(postgres_url, consumer.slot, unknown),
+            what="the slot's catalog_xmin past the rows",
+        )
+        assert consumer.stop() == 0
+        # THEN pruning removes them, and each is in ClickHouse
+        _prune(consumer.slot)
+        assert _present(conn, unknown) == set()
+    quoted = ",".join(f"'{event_id}'" for event_id in unknown)
+    assert clickhouse_select(
+        clickhouse_server.url,
+        f"SELECT count(), uniqExact(event_id) FROM event_log WHERE event_id IN ({quoted})",
+    ) == [[3, 3]]

@@ -15,8 +15,24 @@ only when
 The margin covers the one way commit-time order and commit (WAL) order can disagree: a
 backend takes its commit timestamp just before it writes the commit record, so two commits
 racing within microseconds can be stamped in one order and logged in the other (and the
-server clock may step). A row whose commit time is unknown (committed before
-track_commit_timestamp was on, or older than the server keeps them) is never deleted here.
+server clock may step).
+
+A row's commit time is not always known: it is NULL for a transaction committed while
+track_commit_timestamp was off, and for one older than the server's commit-timestamp horizon,
+which follows the freeze horizon (days at a busy site). Such rows go by a second rule, which
+needs no timestamps: the slot's `catalog_xmin`. PostgreSQL moves it to the oldest transaction
+still running at a running-transactions record the slot has been confirmed past, so every
+older transaction had committed (or aborted) before a position the consumer confirmed, which
+it only confirms once ClickHouse holds everything before it. A row is also deleted when
+
+    created_at < now - OUTBOX_RETENTION
+    and age(xmin) > age(catalog_xmin)
+
+(`age` counts back from the current transaction id, so both are compared in one statement,
+wraparound and all; a raw xmin more than 2^31 transactions old reads negative, and is older
+than any live slot's catalog_xmin, which holds back freezing.) It trails the commit-time rule
+while a long transaction anywhere on the server is open, so it is the second rule, not the
+only one.
 
 Pruning also stops while the slot is missing or lost: the backfill that repairs a lost slot
 reads the outbox, so the outbox must outlive the gap (see docs/architecture.md, operations).
@@ -29,7 +45,7 @@ from datetime import timedelta
 
 import structlog
 from django.db import connection
-from django.db.models import DateTimeField
+from django.db.models import BooleanField, DateTimeField, Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
@@ -39,6 +55,15 @@ from web.outbox.slot import outbox_slot_report
 log = structlog.get_logger(__name__)
 
 _COMMITTED_AT = RawSQL('pg_xact_commit_timestamp("event_outbox"."xmin")', (), DateTimeField())
+
+
+def _finished_before(catalog_xmin: str) -> RawSQL:
+    """Whether the row's transaction is older than the slot's catalog_xmin."""
+    return RawSQL(
+        'age("event_outbox"."xmin") > age(%s::xid) OR age("event_outbox"."xmin") < 0',
+        (catalog_xmin,),
+        BooleanField(),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +88,16 @@ def outbox_prune(
         reason = "the consumer has not recorded a shipped commit for this slot yet"
         log.info("outbox prune skipped", slot=slot, reason=reason)
         return PruneResult(deleted=0, chunks=0, skipped_reason=reason)
+    old_rows = EventOutbox.objects.filter(created_at__lt=timezone.now() - retention).alias(
+        committed_at=_COMMITTED_AT
+    )
+    shipped_rows = Q(committed_at__lte=last_commit_time - commit_margin)
+    catalog_xmin = _catalog_xmin(slot)
+    if catalog_xmin is not None:
+        old_rows = old_rows.alias(finished_before_slot=_finished_before(catalog_xmin))
+        shipped_rows |= Q(finished_before_slot=True)
     candidates = (
-        EventOutbox.objects.filter(created_at__lt=timezone.now() - retention)
-        .alias(committed_at=_COMMITTED_AT)
-        .filter(committed_at__lte=last_commit_time - commit_margin)
-        .order_by("created_at")
-        .values_list("event_id", flat=True)
+        old_rows.filter(shipped_rows).order_by("created_at").values_list("event_id", flat=True)
     )
     deleted = chunks = 0
     while ids := list(candidates[:chunk_rows]):
@@ -81,8 +110,18 @@ def outbox_prune(
         deleted=deleted,
         chunks=chunks,
         shipped_until=last_commit_time.isoformat(),
+        catalog_xmin=catalog_xmin,
     )
     return PruneResult(deleted=deleted, chunks=chunks)
+
+
+def _catalog_xmin(slot: str) -> str | None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT catalog_xmin::text FROM pg_replication_slots WHERE slot_name = %s", [slot]
+        )
+        row = cursor.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def _unsafe_to_prune(slot: str) -> str | None:
