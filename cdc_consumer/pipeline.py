@@ -52,13 +52,21 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._requested_at = 0.0
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
 
     def set(self) -> None:
+        if not self._event.is_set():
+            self._requested_at = time.monotonic()
         self._event.set()
+
+    def deadline(self, grace: float) -> float:
+        """The monotonic time by which the process must have left: `grace` after the request
+        (after now, if none was made)."""
+        return (self._requested_at if self.requested else time.monotonic()) + grace
 
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
@@ -70,7 +78,7 @@ class StopRequest:
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
             log.info("stop requested, flushing", signal=signum)
-            self._event.set()
+            self.set()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
@@ -123,9 +131,17 @@ class Pipeline:
         self._progress = ProgressRecorder(
             settings.database_url.get_secret_value(), settings.cdc_slot
         )
+        # What the exit code reports: the end LSN of the newest commit received, on any
+        # connection, against the newest position the slot was confirmed at (the slot's own
+        # on every START_REPLICATION, then every flush sent). Above it, events were left for
+        # the slot to replay.
+        self._received_lsn = 0
+        self._confirmed_lsn = 0
 
     def run(self) -> int:
-        """Stream until stopped; returns the process exit code."""
+        """Stream until stopped; returns the process exit code: 0 when every commit received
+        was delivered and confirmed, 1 when some were left for the slot to replay, 2 when the
+        policy stopped the pipeline."""
         attempt = 0
         while not self._stop.requested:
             try:
@@ -163,7 +179,7 @@ class Pipeline:
                 self._worker.abandon()
                 self._await_abandoned()
                 self._stop.wait(delay)
-        return 0
+        return self._leave()
 
     def _await_abandoned(self) -> None:
         while not self._worker.idle and not self._stop.requested:
@@ -181,6 +197,7 @@ class Pipeline:
             # START_REPLICATION makes the slot ours, so no other run of this consumer is alive;
             # only then are its leftover inserts fenced off and what is stored read.
             slot = stream.start()
+            self._confirmed_lsn = slot.confirmed_flush_lsn
             stored = self._while_answering(
                 stream, lambda: self._restart_read(identity, slot.confirmed_flush_lsn)
             )
@@ -261,6 +278,7 @@ class Pipeline:
             s.tx = _Transaction(commit_lsn=message.final_lsn, open=True, stored=stored)
         elif isinstance(message, pgoutput.Commit):
             s.tx.open = False
+            self._received_lsn = max(self._received_lsn, message.end_lsn)
             batch = self._builder.commit(message.end_lsn, message.commit_time)
             if batch is not None:
                 self._submit(s, batch)
@@ -287,6 +305,7 @@ class Pipeline:
         overdue = time.monotonic() - s.stream.last_status_at >= due_every
         if target > s.stream.confirmed or overdue:
             s.stream.send_status(flush=target)
+            self._confirmed_lsn = s.stream.confirmed
             self._record_progress(s)
 
     def _record_progress(self, s: _Session, *, force: bool = False) -> None:
@@ -316,24 +335,29 @@ class Pipeline:
         return True
 
     def _shutdown(self, s: _Session) -> None:
-        """On a stop request: ship what is committed, confirm it, and leave within the grace."""
-        deadline = time.monotonic() + self._settings.cdc_shutdown_grace_seconds
+        """On a stop request: ship what is committed and confirm it, within the grace."""
+        deadline = self._stop.deadline(self._settings.cdc_shutdown_grace_seconds)
         batch = self._builder.drain_committed()
         if batch is not None:
             while not self._worker.submit(batch, timeout=_POLL_SECONDS):
                 if time.monotonic() >= deadline:
                     break
-        drained = self._drain_worker(deadline) and self._worker.settled
+        self._drain_worker(deadline)
         self._report(s, due_every=0)
         self._record_progress(s, force=True)
-        self._worker.stop(abort=not drained)
+
+    def _leave(self) -> int:
+        """End the sink worker (what it still holds is abandoned) and say, as the exit code,
+        whether any commit received is left for the slot to replay."""
+        self._worker.stop(abort=True)
         self._progress.close()
+        abandoned = self._received_lsn > self._confirmed_lsn
         log.info(
             "stopped",
-            drained=drained,
-            confirmed_lsn=pgoutput.lsn_to_str(s.stream.confirmed),
+            abandoned=abandoned,
+            received_lsn=pgoutput.lsn_to_str(self._received_lsn),
+            confirmed_lsn=pgoutput.lsn_to_str(self._confirmed_lsn),
             batches=self._worker.batches_written,
             rows=self._worker.rows_written,
         )
-        if not drained:
-            raise SystemExit(1)
+        return 1 if abandoned else 0

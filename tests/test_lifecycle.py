@@ -1,19 +1,34 @@
-"""The consumer's life: a busy slot, graceful and impatient stops, a schema change mid-stream."""
+"""The consumer's life: a busy slot, graceful and impatient stops, a stop in every state it
+can wait in, a schema change mid-stream."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from cdc_consumer.pgoutput import str_to_lsn
 from tests.support.fix_clickhouse import clickhouse_select
-from tests.support.fix_consumer import current_wal_lsn, wait_for
+from tests.support.fix_consumer import (
+    Consumer,
+    current_wal_lsn,
+    publish_probes,
+    wait_for,
+)
+from tests.support.fix_proxy import TcpProxy
 from web.accounts.services import user_create
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+# The stop tests' CDC_SHUTDOWN_GRACE_SECONDS, and what leaving may take beyond it: the last
+# status update and progress record, and the interpreter's own exit.
+GRACE_SECONDS = 2.0
+LEAVE_BOUND_SECONDS = 3.0
 
 
 def _count(url: str, tag: str) -> int:
@@ -156,3 +171,100 @@ def test_added_column_does_not_stop_the_stream(make_consumer, clickhouse_server,
         pg_conn.execute("ALTER TABLE event_outbox DROP COLUMN trace_note")
     assert _count(clickhouse_server.url, tag) == 5
     assert consumer.stop() == 0
+
+
+def _sigterm(consumer: Consumer) -> tuple[int, float]:
+    """SIGTERM the consumer: its exit code and the seconds it took to exit (failing the test
+    if it is still running past the grace and the bound)."""
+    assert consumer.process is not None
+    started = time.monotonic()
+    consumer.process.send_signal(signal.SIGTERM)
+    limit = GRACE_SECONDS + LEAVE_BOUND_SECONDS
+    try:
+        consumer.process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"consumer still running {limit:.0f}s after SIGTERM:\n{consumer.log_text()}")
+    took = time.monotonic() - started
+    return consumer.stop(), took  # the process has exited: this only lets go of the slot
+
+
+def _stored(url: str, tag: str) -> tuple[int, int]:
+    """Rows and distinct events of the probes tagged `tag` in event_log (no FINAL)."""
+    rows = clickhouse_select(
+        url, f"SELECT count(), uniqExact(event_id) FROM event_log WHERE environment = '{tag}'"
+    )
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def _logged(consumer: Consumer, event: str) -> int:
+    return sum(1 for e in consumer.log_events() if e["event"] == event)
+
+
+def _through(proxy: TcpProxy, url: str) -> str:
+    """`url` with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _restart_delivers_once(
+    consumer: Consumer,
+    url: str,
+    tag: str,
+    pg_conn,
+    events: int,
+    *,
+    once_streaming: Callable[[], None] = lambda: None,
+) -> None:
+    """Start the consumer again (calling `once_streaming` when its restart read is done): it
+    catches up, exits 0 on SIGTERM, and each event is in event_log exactly once."""
+    consumer.start()
+    once_streaming()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    assert _stored(url, tag) == (events, events)
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_in_reconnect_backoff_with_batches_abandoned_exits_one(
+    make_consumer, clickhouse_faults, tcp_proxy, postgres_url, pg_conn
+):
+    """SIGTERM while reconnecting to a lost source, the batches it held abandoned: it leaves
+    within the grace with exit 1, nothing confirmed past them; a restart delivers each once."""
+    # GIVEN a consumer reaching PostgreSQL through a proxy, holding two batches ClickHouse
+    # keeps refusing (one retried by the sink worker, one queued behind it)
+    source = urlsplit(postgres_url)
+    proxy = tcp_proxy(source.hostname or "127.0.0.1", source.port or 5432)
+    consumer = make_consumer(
+        clickhouse_faults.url,
+        DATABASE_URL=_through(proxy, postgres_url),
+        CDC_SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS),
+        CDC_RETRY_MAX_SECONDS="2",
+    )
+    consumer.migrate()
+    consumer.start()
+    clickhouse_faults.fail_inserts(10_000)
+    tag = f"backoff-{uuid.uuid4().hex[:8]}"
+    publish_probes(pg_conn, 5, tag)
+    after_first = current_wal_lsn(pg_conn)
+    wait_for(lambda: _logged(consumer, "batch write failed, retrying"), what="a refused batch")
+    publish_probes(pg_conn, 5, tag)
+    published_to = current_wal_lsn(pg_conn)
+    wait_for(lambda: _sent_lsn(pg_conn, consumer.slot) >= published_to, what="events sent")
+    # WHEN the source goes away, and the consumer is backing off between reconnects
+    proxy.cut()
+    wait_for(
+        lambda: _logged(consumer, "source failed, reconnecting") >= 2,
+        what="the consumer to back off between failed reconnects",
+    )
+    code, took = _sigterm(consumer)
+    # THEN it leaves within the grace and says it left events to the slot
+    assert code == 1, consumer.log_text()
+    assert took < GRACE_SECONDS + LEAVE_BOUND_SECONDS
+    assert consumer.confirmed_lsn() < after_first
+    assert _stored(clickhouse_faults.url, tag) == (0, 0)
+    # AND with the source and ClickHouse back, a restart delivers every event exactly once
+    proxy.restore()
+    clickhouse_faults.reset()
+    _restart_delivers_once(consumer, clickhouse_faults.url, tag, pg_conn, 10)
