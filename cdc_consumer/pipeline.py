@@ -84,6 +84,11 @@ class StopRequest:
         signal.signal(signal.SIGINT, handle)
 
 
+class _GraceOver(Exception):  # noqa: N818  (a signal between two methods, not an error)
+    """The stop's grace ran out while a batch still waited for the sink worker: nothing after
+    it may be handed over, and what is not confirmed is left for the slot to replay."""
+
+
 @dataclass
 class _Transaction:
     commit_lsn: int = 0
@@ -160,7 +165,7 @@ class Pipeline:
                         kind=stopping.kind.value,
                         hint=stopping.hint,
                     )
-                    self._worker.stop(abort=True)
+                    self._worker.stop(abort=True, deadline=self._grace_deadline())
                     return 2
                 attempt += 1
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
@@ -210,8 +215,7 @@ class Pipeline:
                 stored_transactions=stored.transactions,
                 stored_rows=stored.rows,
             )
-            self._loop(session)
-            self._shutdown(session)
+            self._stream_until_stopped(session)
         finally:
             stream.close()
 
@@ -290,11 +294,13 @@ class Pipeline:
             )
 
     def _submit(self, s: _Session, batch: Batch) -> None:
-        """Hand a batch to the sink worker, keeping the walsender answered while it is busy."""
+        """Hand a batch to the sink worker, keeping the walsender answered while it is busy;
+        once a stop's grace is over, give up (`_GraceOver`)."""
         interval = self._settings.cdc_status_interval_seconds
         while not self._worker.submit(batch, timeout=_POLL_SECONDS):
             self._check_worker()
             self._report(s, due_every=interval)
+            self._check_grace()
         # A submit usually waited for the previous batch to land: confirm it now rather than
         # at the end of the burst, so catching up with small batches does not trail the slot.
         self._report(s, due_every=interval)
@@ -326,30 +332,47 @@ class Pipeline:
         if self._worker.fatal is not None:
             raise self._worker.fatal
 
-    def _drain_worker(self, deadline: float) -> bool:
-        while not self._worker.idle:
-            if time.monotonic() >= deadline:
-                return False
-            self._check_worker()
-            self._worker.wait_progress(_POLL_SECONDS)
-        return True
+    def _check_grace(self) -> None:
+        if self._stop.requested and time.monotonic() >= self._grace_deadline():
+            raise _GraceOver
 
-    def _shutdown(self, s: _Session) -> None:
-        """On a stop request: ship what is committed and confirm it, within the grace."""
-        deadline = self._stop.deadline(self._settings.cdc_shutdown_grace_seconds)
-        batch = self._builder.drain_committed()
-        if batch is not None:
-            while not self._worker.submit(batch, timeout=_POLL_SECONDS):
-                if time.monotonic() >= deadline:
-                    break
-        self._drain_worker(deadline)
+    def _grace_deadline(self) -> float:
+        return self._stop.deadline(self._settings.cdc_shutdown_grace_seconds)
+
+    def _stream_until_stopped(self, s: _Session) -> None:
+        """Stream until a stop request; then ship what is committed and confirm what landed,
+        giving up on the rest once the grace is over."""
+        try:
+            self._loop(s)
+            self._ship_committed(s)
+        except _GraceOver:
+            log.warning(
+                "stop grace over, leaving the rest to the slot",
+                grace_seconds=self._settings.cdc_shutdown_grace_seconds,
+                hint="ClickHouse did not take the last batches in time; the slot replays them"
+                " to the next run, which skips whatever of them landed",
+            )
         self._report(s, due_every=0)
         self._record_progress(s, force=True)
 
+    def _ship_committed(self, s: _Session) -> None:
+        """Hand over what is committed and wait for the sink worker to write it all."""
+        interval = self._settings.cdc_status_interval_seconds
+        batch = self._builder.drain_committed()
+        if batch is not None:
+            self._submit(s, batch)
+        while not self._worker.idle:
+            self._check_worker()
+            self._report(s, due_every=interval)
+            self._check_grace()
+            self._worker.wait_progress(_POLL_SECONDS)
+
     def _leave(self) -> int:
         """End the sink worker (what it still holds is abandoned) and say, as the exit code,
-        whether any commit received is left for the slot to replay."""
-        self._worker.stop(abort=True)
+        whether any commit received is left for the slot to replay. A write still on its way
+        at the deadline is not waited for (see `HttpTransport`: the stop never depends on the
+        HTTP timeout)."""
+        self._worker.stop(abort=True, deadline=self._grace_deadline())
         self._progress.close()
         abandoned = self._received_lsn > self._confirmed_lsn
         log.info(

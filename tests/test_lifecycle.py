@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -173,19 +174,36 @@ def test_added_column_does_not_stop_the_stream(make_consumer, clickhouse_server,
     assert consumer.stop() == 0
 
 
-def _sigterm(consumer: Consumer) -> tuple[int, float]:
-    """SIGTERM the consumer: its exit code and the seconds it took to exit (failing the test
-    if it is still running past the grace and the bound)."""
+def _stop_within_grace(consumer: Consumer, *, exit_code: int, unconfirmed_from: int) -> None:
+    """SIGTERM the consumer: it exits with `exit_code` within the grace and the bound, and
+    the slot is not confirmed at or past `unconfirmed_from`."""
     assert consumer.process is not None
-    started = time.monotonic()
     consumer.process.send_signal(signal.SIGTERM)
     limit = GRACE_SECONDS + LEAVE_BOUND_SECONDS
     try:
         consumer.process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         pytest.fail(f"consumer still running {limit:.0f}s after SIGTERM:\n{consumer.log_text()}")
-    took = time.monotonic() - started
-    return consumer.stop(), took  # the process has exited: this only lets go of the slot
+    assert consumer.stop() == exit_code, consumer.log_text()  # exited: this lets go of the slot
+    assert consumer.confirmed_lsn() < unconfirmed_from
+
+
+def _started(make_consumer: Callable[..., Consumer], url: str, **overrides: str) -> Consumer:
+    """A migrated, streaming consumer with the stop tests' short grace."""
+    consumer = make_consumer(url, CDC_SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS), **overrides)
+    consumer.migrate()
+    consumer.start()
+    return consumer
+
+
+def _publish_held(faults: Any, pg_conn, count: int, tag: str) -> int:
+    """Publish `count` probes in one transaction whose insert ClickHouse accepts and does not
+    answer; returns the WAL position after it."""
+    faults.hold_inserts()
+    publish_probes(pg_conn, count, tag)
+    after = current_wal_lsn(pg_conn)
+    faults.wait_for_held_inserts()
+    return after
 
 
 def _stored(url: str, tag: str) -> tuple[int, int]:
@@ -232,18 +250,16 @@ def test_stop_in_reconnect_backoff_with_batches_abandoned_exits_one(
 ):
     """SIGTERM while reconnecting to a lost source, the batches it held abandoned: it leaves
     within the grace with exit 1, nothing confirmed past them; a restart delivers each once."""
-    # GIVEN a consumer reaching PostgreSQL through a proxy, holding two batches ClickHouse
-    # keeps refusing (one retried by the sink worker, one queued behind it)
+    # GIVEN a consumer reaching PostgreSQL through a proxy, holding two transactions that
+    # ClickHouse keeps refusing (the sink worker retries the first, the second waits behind)
     source = urlsplit(postgres_url)
     proxy = tcp_proxy(source.hostname or "127.0.0.1", source.port or 5432)
-    consumer = make_consumer(
+    consumer = _started(
+        make_consumer,
         clickhouse_faults.url,
         DATABASE_URL=_through(proxy, postgres_url),
-        CDC_SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS),
         CDC_RETRY_MAX_SECONDS="2",
     )
-    consumer.migrate()
-    consumer.start()
     clickhouse_faults.fail_inserts(10_000)
     tag = f"backoff-{uuid.uuid4().hex[:8]}"
     publish_probes(pg_conn, 5, tag)
@@ -252,19 +268,70 @@ def test_stop_in_reconnect_backoff_with_batches_abandoned_exits_one(
     publish_probes(pg_conn, 5, tag)
     published_to = current_wal_lsn(pg_conn)
     wait_for(lambda: _sent_lsn(pg_conn, consumer.slot) >= published_to, what="events sent")
-    # WHEN the source goes away, and the consumer is backing off between reconnects
+    # WHEN the source goes away, and the consumer is told to stop while it backs off
+    # between reconnects
     proxy.cut()
     wait_for(
         lambda: _logged(consumer, "source failed, reconnecting") >= 2,
         what="the consumer to back off between failed reconnects",
     )
-    code, took = _sigterm(consumer)
-    # THEN it leaves within the grace and says it left events to the slot
-    assert code == 1, consumer.log_text()
-    assert took < GRACE_SECONDS + LEAVE_BOUND_SECONDS
-    assert consumer.confirmed_lsn() < after_first
+    # THEN it leaves within the grace, saying (exit 1) that it left events to the slot
+    _stop_within_grace(consumer, exit_code=1, unconfirmed_from=after_first)
     assert _stored(clickhouse_faults.url, tag) == (0, 0)
     # AND with the source and ClickHouse back, a restart delivers every event exactly once
     proxy.restore()
     clickhouse_faults.reset()
     _restart_delivers_once(consumer, clickhouse_faults.url, tag, pg_conn, 10)
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_while_an_insert_hangs_unanswered_leaves_within_the_grace(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """SIGTERM while ClickHouse holds the last insert with no answer: the stop does not wait
+    for the HTTP timeout; exit 1 within the grace; a restart delivers each event once."""
+    # GIVEN a consumer whose insert ClickHouse accepted and does not answer
+    consumer = _started(make_consumer, clickhouse_faults.url)
+    tag = f"hang-{uuid.uuid4().hex[:8]}"
+    published_to = _publish_held(clickhouse_faults, pg_conn, 10, tag)
+    # WHEN it is told to stop (the final drain waits on the sink worker, whose request hangs)
+    # THEN it leaves within the grace, saying (exit 1) that it left events to the slot
+    _stop_within_grace(consumer, exit_code=1, unconfirmed_from=published_to)
+    # AND a restart fences the insert left hanging (cancels it) and delivers each event once
+    _restart_delivers_once(
+        consumer,
+        clickhouse_faults.url,
+        tag,
+        pg_conn,
+        10,
+        once_streaming=clickhouse_faults.release_inserts,
+    )
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_while_handing_a_batch_to_a_hung_worker_leaves_within_the_grace(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """SIGTERM while the main loop waits to hand the sink worker a batch (one insert hangs,
+    one batch is queued): it leaves within the grace with exit 1; a restart delivers once."""
+    # GIVEN three batches of one transaction each: the first is held by ClickHouse with no
+    # answer, the second waits in the worker's queue, the third in the main loop
+    consumer = _started(make_consumer, clickhouse_faults.url, CDC_BATCH_MAX_ROWS="5")
+    tag = f"handover-{uuid.uuid4().hex[:8]}"
+    after_first = _publish_held(clickhouse_faults, pg_conn, 5, tag)
+    publish_probes(pg_conn, 5, tag)
+    publish_probes(pg_conn, 5, tag)
+    published_to = current_wal_lsn(pg_conn)
+    wait_for(lambda: _sent_lsn(pg_conn, consumer.slot) >= published_to, what="events sent")
+    # WHEN it is told to stop, THEN it leaves within the grace, saying (exit 1) that it left
+    # events to the slot
+    _stop_within_grace(consumer, exit_code=1, unconfirmed_from=after_first)
+    # AND a restart fences the insert left hanging and delivers every event exactly once
+    _restart_delivers_once(
+        consumer,
+        clickhouse_faults.url,
+        tag,
+        pg_conn,
+        15,
+        once_streaming=clickhouse_faults.release_inserts,
+    )
