@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TypeVar
@@ -206,6 +206,8 @@ class Pipeline:
             stored = self._while_answering(
                 stream, lambda: self._restart_read(identity, slot.confirmed_flush_lsn)
             )
+            if stored is None:
+                return  # stopped before streaming: nothing received on this connection
             session = _Session(stream, stored)
             log.info(
                 "streaming",
@@ -226,17 +228,35 @@ class Pipeline:
         self._sink.fence_earlier_runs()
         return self._sink.stored_positions(confirmed_lsn)
 
-    def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T:
+    def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T | None:
         """Run `work` on a helper thread while this one keeps the walsender answered: the fence
         and the restart read can outlast wal_sender_timeout on a large or busy ClickHouse.
-        Leaving the pool waits for the helper, so its fence never overlaps the next
-        connection's, also when sending status fails."""
+        The helper is waited for before this returns or raises, so its fence never overlaps
+        the next connection's, also when sending status fails; but not once a stop is
+        requested: then this returns None at once, and the helper, a daemon, goes with the
+        process whatever its request is waiting for (a ThreadPoolExecutor's thread would hold
+        the interpreter's exit until it ended)."""
+        future: Future[_T] = Future()
+
+        def helper() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to the thread waiting for it
+                future.set_exception(exc)
+
+        thread = threading.Thread(target=helper, name="restart-read", daemon=True)
+        thread.start()
         interval = self._settings.cdc_status_interval_seconds
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="restart-read") as pool:
-            future = pool.submit(work)
-            while not wait([future], timeout=interval).done:
-                stream.send_status(flush=stream.confirmed)
+        try:
+            while not wait([future], timeout=_POLL_SECONDS).done:
+                if self._stop.requested:
+                    return None
+                if time.monotonic() - stream.last_status_at >= interval:
+                    stream.send_status(flush=stream.confirmed)
             return future.result()
+        finally:
+            while thread.is_alive() and not self._stop.requested:
+                thread.join(_POLL_SECONDS)
 
     def _loop(self, s: _Session) -> None:
         interval = self._settings.cdc_status_interval_seconds

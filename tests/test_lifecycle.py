@@ -18,6 +18,7 @@ from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import (
     Consumer,
     current_wal_lsn,
+    kill_while_an_insert_executes,
     publish_probes,
     wait_for,
 )
@@ -335,3 +336,25 @@ def test_stop_while_handing_a_batch_to_a_hung_worker_leaves_within_the_grace(
         15,
         once_streaming=clickhouse_faults.release_inserts,
     )
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_while_the_fence_waits_leaves_within_the_grace(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """SIGTERM while the startup fence waits for a killed run's insert: it leaves within the
+    grace with exit 0 (it received nothing); a restart delivers each event once."""
+    # GIVEN a run killed while ClickHouse executes its insert, and a new run whose fence
+    # (KILL QUERY ... SYNC) waits for that insert to end
+    consumer = _started(make_consumer, clickhouse_faults.url)
+    tag = f"fence-{uuid.uuid4().hex[:8]}"
+    kill_while_an_insert_executes(consumer, clickhouse_faults, pg_conn, tag)
+    published_to = current_wal_lsn(pg_conn)
+    consumer.start(streaming=False)
+    wait_for(lambda: clickhouse_faults.stats()["waiting_kills"], what="the fence to wait")
+    # WHEN the new run is told to stop, THEN it leaves within the grace; it received
+    # nothing, so it abandoned nothing (exit 0)
+    _stop_within_grace(consumer, exit_code=0, unconfirmed_from=published_to)
+    # AND once the killed run's insert has landed, a restart skips it and adds nothing twice
+    clickhouse_faults.release_inserts()
+    _restart_delivers_once(consumer, clickhouse_faults.url, tag, pg_conn, 10)
