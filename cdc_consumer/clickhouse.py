@@ -86,6 +86,14 @@ class HttpTransport:
     def __init__(self, url: str, *, insert_quorum: InsertQuorum = 0) -> None:
         import clickhouse_connect  # noqa: PLC0415  (keeps chdb-only processes lean)
 
+        # The read timeout stays clickhouse-connect's (send_receive_timeout, 300 s), longer
+        # than CDC_SHUTDOWN_GRACE_SECONDS, and a stop does not depend on it: requests run on
+        # daemon threads (the sink worker, the restart-read helper) that a stop stops waiting
+        # for at its deadline, leaving what is in flight to the slot and to the next run's
+        # fence and restart read. A timeout as short as the grace would instead cut healthy
+        # long requests into retries: a large insert on a loaded server, a fence's KILL ...
+        # SYNC waiting for an insert, a restart read over a large event_log; and the client
+        # keeps a long query alive with progress headers no more often than every 10 s.
         self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
         self._types: dict[str, dict[str, str]] = {}  # table -> column -> type, for input()
         # On a cluster (docs/adr/0005-clickhouse-cluster.md); both empty on one server.

@@ -116,13 +116,24 @@ class SinkWorker:
         self._progress.wait(timeout)
         self._progress.clear()
 
-    def stop(self, *, abort: bool) -> None:
-        """Finish queued batches (or abandon them if `abort`) and end the thread."""
+    def stop(self, *, abort: bool, deadline: float | None = None) -> bool:
+        """Finish queued batches (or abandon them if `abort`) and end the thread, waiting for
+        it until `deadline` (a monotonic time; None: as long as it takes). False if the thread
+        was still busy then, inside a write that has not returned: it is a daemon and goes
+        with the process, and whatever that write lands is found by the next restart read."""
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         if abort:
             self._abort.set()
             self._wake.set()
-        self._queue.put(None)
-        self._thread.join()
+        try:
+            self._queue.put(None, timeout=remaining())
+        except queue.Full:
+            return False  # a batch still waits behind the write in progress
+        self._thread.join(remaining())
+        return not self._thread.is_alive()
 
     def _current(self, generation: int) -> bool:
         return generation == self._generation and not self._refusing and not self._abort.is_set()

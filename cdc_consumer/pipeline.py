@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TypeVar
@@ -52,13 +52,21 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._requested_at = 0.0
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
 
     def set(self) -> None:
+        if not self._event.is_set():
+            self._requested_at = time.monotonic()
         self._event.set()
+
+    def deadline(self, grace: float) -> float:
+        """The monotonic time by which the process must have left: `grace` after the request
+        (after now, if none was made)."""
+        return (self._requested_at if self.requested else time.monotonic()) + grace
 
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
@@ -70,10 +78,15 @@ class StopRequest:
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
             log.info("stop requested, flushing", signal=signum)
-            self._event.set()
+            self.set()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+
+
+class _GraceOver(Exception):  # noqa: N818  (a signal between two methods, not an error)
+    """The stop's grace ran out while a batch still waited for the sink worker: nothing after
+    it may be handed over, and what is not confirmed is left for the slot to replay."""
 
 
 @dataclass
@@ -140,9 +153,17 @@ class Pipeline:
         self._progress = ProgressRecorder(
             settings.database_url.get_secret_value(), settings.cdc_slot
         )
+        # What the exit code reports: the end LSN of the newest commit received, on any
+        # connection, against the newest position the slot was confirmed at (the slot's own
+        # on every START_REPLICATION, then every flush sent). Above it, events were left for
+        # the slot to replay.
+        self._received_lsn = 0
+        self._confirmed_lsn = 0
 
     def run(self) -> int:
-        """Stream until stopped; returns the process exit code."""
+        """Stream until stopped; returns the process exit code: 0 when every commit received
+        was delivered and confirmed, 1 when some were left for the slot to replay, 2 when the
+        policy stopped the pipeline."""
         attempt = 0
         while not self._stop.requested:
             try:
@@ -161,7 +182,7 @@ class Pipeline:
                         kind=stopping.kind.value,
                         hint=stopping.hint,
                     )
-                    self._worker.stop(abort=True)
+                    self._worker.stop(abort=True, deadline=self._grace_deadline())
                     return 2
                 attempt += 1
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
@@ -180,7 +201,7 @@ class Pipeline:
                 self._worker.abandon()
                 self._await_abandoned()
                 self._stop.wait(delay)
-        return 0
+        return self._leave()
 
     def _await_abandoned(self) -> None:
         while not self._worker.idle and not self._stop.requested:
@@ -198,9 +219,12 @@ class Pipeline:
             # START_REPLICATION makes the slot ours, so no other run of this consumer is alive;
             # only then are its leftover inserts fenced off and what is stored read.
             slot = stream.start()
+            self._confirmed_lsn = slot.confirmed_flush_lsn
             stored = self._while_answering(
                 stream, lambda: self._restart_read(identity, slot.confirmed_flush_lsn)
             )
+            if stored is None:
+                return  # stopped before streaming: nothing received on this connection
             session = _Session(stream, stored)
             log.info(
                 "streaming",
@@ -210,8 +234,7 @@ class Pipeline:
                 stored_transactions=stored.transactions,
                 stored_rows=stored.rows,
             )
-            self._loop(session)
-            self._shutdown(session)
+            self._stream_until_stopped(session)
         finally:
             stream.close()
 
@@ -222,17 +245,35 @@ class Pipeline:
         self._sink.fence_earlier_runs()
         return self._sink.stored_positions(confirmed_lsn)
 
-    def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T:
+    def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T | None:
         """Run `work` on a helper thread while this one keeps the walsender answered: the fence
         and the restart read can outlast wal_sender_timeout on a large or busy ClickHouse.
-        Leaving the pool waits for the helper, so its fence never overlaps the next
-        connection's, also when sending status fails."""
+        The helper is waited for before this returns or raises, so its fence never overlaps
+        the next connection's, also when sending status fails; but not once a stop is
+        requested: then this returns None at once, and the helper, a daemon, goes with the
+        process whatever its request is waiting for (a ThreadPoolExecutor's thread would hold
+        the interpreter's exit until it ended)."""
+        future: Future[_T] = Future()
+
+        def helper() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to the thread waiting for it
+                future.set_exception(exc)
+
+        thread = threading.Thread(target=helper, name="restart-read", daemon=True)
+        thread.start()
         interval = self._settings.cdc_status_interval_seconds
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="restart-read") as pool:
-            future = pool.submit(work)
-            while not wait([future], timeout=interval).done:
-                stream.send_status(flush=stream.confirmed)
+        try:
+            while not wait([future], timeout=_POLL_SECONDS).done:
+                if self._stop.requested:
+                    return None
+                if time.monotonic() - stream.last_status_at >= interval:
+                    stream.send_status(flush=stream.confirmed)
             return future.result()
+        finally:
+            while thread.is_alive() and not self._stop.requested:
+                thread.join(_POLL_SECONDS)
 
     def _loop(self, s: _Session) -> None:
         interval = self._settings.cdc_status_interval_seconds
@@ -281,6 +322,7 @@ class Pipeline:
             s.tx = _Transaction(commit_lsn=message.final_lsn, open=True, stored=stored)
         elif isinstance(message, pgoutput.Commit):
             s.tx.open = False
+            self._received_lsn = max(self._received_lsn, message.end_lsn)
             batch = self._builder.commit(message.end_lsn, message.commit_time)
             if batch is not None:
                 self._submit(s, batch)
@@ -299,11 +341,13 @@ class Pipeline:
                 s.others[message.relation_id] = message
 
     def _submit(self, s: _Session, batch: Batch) -> None:
-        """Hand a batch to the sink worker, keeping the walsender answered while it is busy."""
+        """Hand a batch to the sink worker, keeping the walsender answered while it is busy;
+        once a stop's grace is over, give up (`_GraceOver`)."""
         interval = self._settings.cdc_status_interval_seconds
         while not self._worker.submit(batch, timeout=_POLL_SECONDS):
             self._check_worker()
             self._report(s, due_every=interval)
+            self._check_grace()
         # A submit usually waited for the previous batch to land: confirm it now rather than
         # at the end of the burst, so catching up with small batches does not trail the slot.
         self._report(s, due_every=interval)
@@ -314,6 +358,7 @@ class Pipeline:
         overdue = time.monotonic() - s.stream.last_status_at >= due_every
         if target > s.stream.confirmed or overdue:
             s.stream.send_status(flush=target)
+            self._confirmed_lsn = s.stream.confirmed
             self._record_progress(s)
 
     def _record_progress(self, s: _Session, *, force: bool = False) -> None:
@@ -334,33 +379,55 @@ class Pipeline:
         if self._worker.fatal is not None:
             raise self._worker.fatal
 
-    def _drain_worker(self, deadline: float) -> bool:
-        while not self._worker.idle:
-            if time.monotonic() >= deadline:
-                return False
-            self._check_worker()
-            self._worker.wait_progress(_POLL_SECONDS)
-        return True
+    def _check_grace(self) -> None:
+        if self._stop.requested and time.monotonic() >= self._grace_deadline():
+            raise _GraceOver
 
-    def _shutdown(self, s: _Session) -> None:
-        """On a stop request: ship what is committed, confirm it, and leave within the grace."""
-        deadline = time.monotonic() + self._settings.cdc_shutdown_grace_seconds
-        batch = self._builder.drain_committed()
-        if batch is not None:
-            while not self._worker.submit(batch, timeout=_POLL_SECONDS):
-                if time.monotonic() >= deadline:
-                    break
-        drained = self._drain_worker(deadline) and self._worker.settled
+    def _grace_deadline(self) -> float:
+        return self._stop.deadline(self._settings.cdc_shutdown_grace_seconds)
+
+    def _stream_until_stopped(self, s: _Session) -> None:
+        """Stream until a stop request; then ship what is committed and confirm what landed,
+        giving up on the rest once the grace is over."""
+        try:
+            self._loop(s)
+            self._ship_committed(s)
+        except _GraceOver:
+            log.warning(
+                "stop grace over, leaving the rest to the slot",
+                grace_seconds=self._settings.cdc_shutdown_grace_seconds,
+                hint="ClickHouse did not take the last batches in time; the slot replays them"
+                " to the next run, which skips whatever of them landed",
+            )
         self._report(s, due_every=0)
         self._record_progress(s, force=True)
-        self._worker.stop(abort=not drained)
+
+    def _ship_committed(self, s: _Session) -> None:
+        """Hand over what is committed and wait for the sink worker to write it all."""
+        interval = self._settings.cdc_status_interval_seconds
+        batch = self._builder.drain_committed()
+        if batch is not None:
+            self._submit(s, batch)
+        while not self._worker.idle:
+            self._check_worker()
+            self._report(s, due_every=interval)
+            self._check_grace()
+            self._worker.wait_progress(_POLL_SECONDS)
+
+    def _leave(self) -> int:
+        """End the sink worker (what it still holds is abandoned) and say, as the exit code,
+        whether any commit received is left for the slot to replay. A write still on its way
+        at the deadline is not waited for (see `HttpTransport`: the stop never depends on the
+        HTTP timeout)."""
+        self._worker.stop(abort=True, deadline=self._grace_deadline())
         self._progress.close()
+        abandoned = self._received_lsn > self._confirmed_lsn
         log.info(
             "stopped",
-            drained=drained,
-            confirmed_lsn=pgoutput.lsn_to_str(s.stream.confirmed),
+            abandoned=abandoned,
+            received_lsn=pgoutput.lsn_to_str(self._received_lsn),
+            confirmed_lsn=pgoutput.lsn_to_str(self._confirmed_lsn),
             batches=self._worker.batches_written,
             rows=self._worker.rows_written,
         )
-        if not drained:
-            raise SystemExit(1)
+        return 1 if abandoned else 0

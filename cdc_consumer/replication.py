@@ -180,16 +180,19 @@ class ReplicationStream:
 
     def send_status(self, *, flush: int, reply: bool = False) -> None:
         """Report `flush` as written, flushed and applied; it never moves backwards."""
-        self._sent_flush = max(self._sent_flush, flush)
+        flush = max(self._sent_flush, flush)
         pgconn = self._conn.pgconn
         with _source_errors("send standby status"):
-            message = standby_status(write=self._sent_flush, flush=self._sent_flush, reply=reply)
+            message = standby_status(write=flush, flush=flush, reply=reply)
             if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
                 raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
+        self._sent_flush = flush
         self.last_status_at = time.monotonic()
 
     @property
     def confirmed(self) -> int:
+        """The slot's position at START_REPLICATION, or the last flush position sent since
+        (a status update that failed to go out does not count)."""
         return self._sent_flush
 
     def close(self) -> None:

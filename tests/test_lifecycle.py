@@ -1,19 +1,36 @@
-"""The consumer's life: a busy slot, graceful and impatient stops, a schema change mid-stream."""
+"""The consumer's life: a busy slot, graceful and impatient stops, a stop in every state it
+can wait in, a schema change mid-stream."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from cdc_consumer.pgoutput import str_to_lsn
 from tests.support.fix_clickhouse import clickhouse_select
-from tests.support.fix_consumer import current_wal_lsn, wait_for
+from tests.support.fix_consumer import (
+    Consumer,
+    current_wal_lsn,
+    kill_while_an_insert_executes,
+    publish_probes,
+    wait_for,
+)
+from tests.support.fix_proxy import TcpProxy
 from web.accounts.services import user_create
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+# The stop tests' CDC_SHUTDOWN_GRACE_SECONDS, and what leaving may take beyond it: the last
+# status update and progress record, and the interpreter's own exit.
+GRACE_SECONDS = 2.0
+LEAVE_BOUND_SECONDS = 3.0
 
 
 def _count(url: str, tag: str) -> int:
@@ -156,3 +173,188 @@ def test_added_column_does_not_stop_the_stream(make_consumer, clickhouse_server,
         pg_conn.execute("ALTER TABLE event_outbox DROP COLUMN trace_note")
     assert _count(clickhouse_server.url, tag) == 5
     assert consumer.stop() == 0
+
+
+def _stop_within_grace(consumer: Consumer, *, exit_code: int, unconfirmed_from: int) -> None:
+    """SIGTERM the consumer: it exits with `exit_code` within the grace and the bound, and
+    the slot is not confirmed at or past `unconfirmed_from`."""
+    assert consumer.process is not None
+    consumer.process.send_signal(signal.SIGTERM)
+    limit = GRACE_SECONDS + LEAVE_BOUND_SECONDS
+    try:
+        consumer.process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"consumer still running {limit:.0f}s after SIGTERM:\n{consumer.log_text()}")
+    assert consumer.stop() == exit_code, consumer.log_text()  # exited: this lets go of the slot
+    assert consumer.confirmed_lsn() < unconfirmed_from
+
+
+def _started(make_consumer: Callable[..., Consumer], url: str, **overrides: str) -> Consumer:
+    """A migrated, streaming consumer with the stop tests' short grace."""
+    consumer = make_consumer(url, CDC_SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS), **overrides)
+    consumer.migrate()
+    consumer.start()
+    return consumer
+
+
+def _publish_held(faults: Any, pg_conn, count: int, tag: str) -> int:
+    """Publish `count` probes in one transaction whose insert ClickHouse accepts and does not
+    answer; returns the WAL position after it."""
+    faults.hold_inserts()
+    publish_probes(pg_conn, count, tag)
+    after = current_wal_lsn(pg_conn)
+    faults.wait_for_held_inserts()
+    return after
+
+
+def _stored(url: str, tag: str) -> tuple[int, int]:
+    """Rows and distinct events of the probes tagged `tag` in event_log (no FINAL)."""
+    rows = clickhouse_select(
+        url, f"SELECT count(), uniqExact(event_id) FROM event_log WHERE environment = '{tag}'"
+    )
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def _logged(consumer: Consumer, event: str) -> int:
+    return sum(1 for e in consumer.log_events() if e["event"] == event)
+
+
+def _through(proxy: TcpProxy, url: str) -> str:
+    """`url` with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _restart_delivers_once(
+    consumer: Consumer,
+    url: str,
+    tag: str,
+    pg_conn,
+    events: int,
+    *,
+    once_streaming: Callable[[], None] = lambda: None,
+) -> None:
+    """Start the consumer again (calling `once_streaming` when its restart read is done): it
+    catches up, exits 0 on SIGTERM, and each event is in event_log exactly once."""
+    consumer.start()
+    once_streaming()
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    assert _stored(url, tag) == (events, events)
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_in_reconnect_backoff_with_batches_abandoned_exits_one(
+    make_consumer, clickhouse_faults, tcp_proxy, postgres_url, pg_conn
+):
+    """SIGTERM while reconnecting to a lost source, the batches it held abandoned: it leaves
+    within the grace with exit 1, nothing confirmed past them; a restart delivers each once."""
+    # GIVEN a consumer reaching PostgreSQL through a proxy, holding two transactions that
+    # ClickHouse keeps refusing (the sink worker retries the first, the second waits behind)
+    source = urlsplit(postgres_url)
+    proxy = tcp_proxy(source.hostname or "127.0.0.1", source.port or 5432)
+    consumer = _started(
+        make_consumer,
+        clickhouse_faults.url,
+        DATABASE_URL=_through(proxy, postgres_url),
+        CDC_RETRY_MAX_SECONDS="2",
+    )
+    clickhouse_faults.fail_inserts(10_000)
+    tag = f"backoff-{uuid.uuid4().hex[:8]}"
+    publish_probes(pg_conn, 5, tag)
+    after_first = current_wal_lsn(pg_conn)
+    wait_for(lambda: _logged(consumer, "batch write failed, retrying"), what="a refused batch")
+    publish_probes(pg_conn, 5, tag)
+    published_to = current_wal_lsn(pg_conn)
+    wait_for(lambda: _sent_lsn(pg_conn, consumer.slot) >= published_to, what="events sent")
+    # WHEN the source goes away, and the consumer is told to stop while it backs off
+    # between reconnects
+    proxy.cut()
+    wait_for(
+        lambda: _logged(consumer, "source failed, reconnecting") >= 2,
+        what="the consumer to back off between failed reconnects",
+    )
+    # THEN it leaves within the grace, saying (exit 1) that it left events to the slot
+    _stop_within_grace(consumer, exit_code=1, unconfirmed_from=after_first)
+    assert _stored(clickhouse_faults.url, tag) == (0, 0)
+    # AND with the source and ClickHouse back, a restart delivers every event exactly once
+    proxy.restore()
+    clickhouse_faults.reset()
+    _restart_delivers_once(consumer, clickhouse_faults.url, tag, pg_conn, 10)
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_while_an_insert_hangs_unanswered_leaves_within_the_grace(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """SIGTERM while ClickHouse holds the last insert with no answer: the stop does not wait
+    for the HTTP timeout; exit 1 within the grace; a restart delivers each event once."""
+    # GIVEN a consumer whose insert ClickHouse accepted and does not answer
+    consumer = _started(make_consumer, clickhouse_faults.url)
+    tag = f"hang-{uuid.uuid4().hex[:8]}"
+    published_to = _publish_held(clickhouse_faults, pg_conn, 10, tag)
+    # WHEN it is told to stop (the final drain waits on the sink worker, whose request hangs)
+    # THEN it leaves within the grace, saying (exit 1) that it left events to the slot
+    _stop_within_grace(consumer, exit_code=1, unconfirmed_from=published_to)
+    # AND a restart fences the insert left hanging (cancels it) and delivers each event once
+    _restart_delivers_once(
+        consumer,
+        clickhouse_faults.url,
+        tag,
+        pg_conn,
+        10,
+        once_streaming=clickhouse_faults.release_inserts,
+    )
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_while_handing_a_batch_to_a_hung_worker_leaves_within_the_grace(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """SIGTERM while the main loop waits to hand the sink worker a batch (one insert hangs,
+    one batch is queued): it leaves within the grace with exit 1; a restart delivers once."""
+    # GIVEN three batches of one transaction each: the first is held by ClickHouse with no
+    # answer, the second waits in the worker's queue, the third in the main loop
+    consumer = _started(make_consumer, clickhouse_faults.url, CDC_BATCH_MAX_ROWS="5")
+    tag = f"handover-{uuid.uuid4().hex[:8]}"
+    after_first = _publish_held(clickhouse_faults, pg_conn, 5, tag)
+    publish_probes(pg_conn, 5, tag)
+    publish_probes(pg_conn, 5, tag)
+    published_to = current_wal_lsn(pg_conn)
+    wait_for(lambda: _sent_lsn(pg_conn, consumer.slot) >= published_to, what="events sent")
+    # WHEN it is told to stop, THEN it leaves within the grace, saying (exit 1) that it left
+    # events to the slot
+    _stop_within_grace(consumer, exit_code=1, unconfirmed_from=after_first)
+    # AND a restart fences the insert left hanging and delivers every event exactly once
+    _restart_delivers_once(
+        consumer,
+        clickhouse_faults.url,
+        tag,
+        pg_conn,
+        15,
+        once_streaming=clickhouse_faults.release_inserts,
+    )
+
+
+@pytest.mark.usefixtures("merges_stopped")
+def test_stop_while_the_fence_waits_leaves_within_the_grace(
+    make_consumer, clickhouse_faults, pg_conn
+):
+    """SIGTERM while the startup fence waits for a killed run's insert: it leaves within the
+    grace with exit 0 (it received nothing); a restart delivers each event once."""
+    # GIVEN a run killed while ClickHouse executes its insert, and a new run whose fence
+    # (KILL QUERY ... SYNC) waits for that insert to end
+    consumer = _started(make_consumer, clickhouse_faults.url)
+    tag = f"fence-{uuid.uuid4().hex[:8]}"
+    kill_while_an_insert_executes(consumer, clickhouse_faults, pg_conn, tag)
+    published_to = current_wal_lsn(pg_conn)
+    consumer.start(streaming=False)
+    wait_for(lambda: clickhouse_faults.stats()["waiting_kills"], what="the fence to wait")
+    # WHEN the new run is told to stop, THEN it leaves within the grace; it received
+    # nothing, so it abandoned nothing (exit 0)
+    _stop_within_grace(consumer, exit_code=0, unconfirmed_from=published_to)
+    # AND once the killed run's insert has landed, a restart skips it and adds nothing twice
+    clickhouse_faults.release_inserts()
+    _restart_delivers_once(consumer, clickhouse_faults.url, tag, pg_conn, 10)
