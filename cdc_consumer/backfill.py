@@ -28,11 +28,11 @@ from psycopg import sql
 
 from cdc_consumer import pgoutput, provisioning
 from cdc_consumer.batch import Batch
-from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
-from cdc_consumer.clickhouse_sink import LEGACY_SOURCE, ClickHouseSink
+from cdc_consumer.clickhouse import ClickHouseTransport
+from cdc_consumer.clickhouse_sink import ClickHouseSink, stored_event_counts
 from cdc_consumer.delivery import SinkWorker
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, EventLogEncoder
+from cdc_consumer.event_log import EventLogEncoder
 from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_TABLE
 from cdc_consumer.settings import ConsumerSettings
 from cdc_consumer.sink import ORIGIN
@@ -136,7 +136,7 @@ def _ship(
                 cursor.execute(query, (since,))
                 while rows := cursor.fetchmany(CHUNK_ROWS):
                     read += len(rows)
-                    present = _present(transport, source, [row[0] for row in rows])
+                    present = stored_event_counts(transport, source, [row[0] for row in rows])
                     fresh = [row for row in rows if row[0] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
@@ -155,20 +155,6 @@ def _ship(
         skipped=skipped,
         shipped=read - skipped,
     )
-
-
-def _present(transport: ClickHouseTransport, source: str, event_ids: list[str]) -> set[str]:
-    """The event ids of this chunk that ClickHouse already holds for this source, delivered or
-    dead-lettered."""
-    quoted = ",".join(f"'{event_id}'" for event_id in event_ids)  # uuid text: no quotes inside
-    sources = f"source IN ({quote_string(source)}, {quote_string(LEGACY_SOURCE)})"
-    rows = transport.select(
-        f"SELECT toString(event_id) FROM {EVENT_LOG_TABLE}"
-        f" WHERE {sources} AND event_id IN ({quoted})"
-        f" UNION ALL SELECT event_id FROM {DEAD_LETTER_TABLE}"
-        f" WHERE {sources} AND event_id IN ({quoted})"
-    )
-    return {str(row[0]) for row in rows}
 
 
 def _submit(worker: SinkWorker, batch: Batch) -> None:

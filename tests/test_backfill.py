@@ -59,6 +59,28 @@ def test_backfill_after_a_dropped_slot_delivers_the_gap_once(
     assert (again["shipped"], again["skipped"]) == (0, 60)
 
 
+def test_backfill_of_a_gap_larger_than_one_lookup_ships_it_whole(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """A gap of thousands of events: the presence check asks ClickHouse in lookups whose text
+    stays under max_query_size, and every event of the gap lands once."""
+    # GIVEN a slot dropped before 5,000 events were published (a chunk of the outbox read
+    # holds more ids than one query under ClickHouse's default max_query_size can name)
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    since = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    gap = publish_probes(pg_conn, 5_000, "large-gap")
+    # WHEN the operator backfills
+    result = consumer.cli("backfill", "--since", since.isoformat())
+    # THEN it ships the whole gap, each event once
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["shipped"] == 5_000
+    assert _counts(clickhouse_server.url, gap[:2_000]) == (2_000, 2_000, 2_000)
+    assert _counts(clickhouse_server.url, gap[2_000:4_000]) == (2_000, 2_000, 2_000)
+    assert _counts(clickhouse_server.url, gap[4_000:]) == (1_000, 1_000, 1_000)
+
+
 @pytest.fixture
 def slot_wal_limit(pg_conn):
     """Set max_slot_wal_keep_size on the shared server for one test, then restore it."""
