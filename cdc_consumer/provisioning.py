@@ -4,6 +4,8 @@ The slot is created here, before the consumer ever streams, so every event commi
 `migrate` returns is retained in the WAL for the consumer, even if it starts much later.
 The publication is managed in code rather than in a numbered SQL file because its name is
 configuration (CDC_PUBLICATION); it publishes inserts only, so pruning never reaches the slot.
+The fsync table settings are too (CLICKHOUSE_FSYNC_AFTER_INSERT): every migrate sets them to
+what the environment says, both ways.
 """
 
 from __future__ import annotations
@@ -15,11 +17,21 @@ import structlog
 
 from cdc_consumer import migrations
 from cdc_consumer.clickhouse import ClickHouseTransport
+from cdc_consumer.clickhouse_cluster import cluster_statement
 from cdc_consumer.errors import ErrorKind, PipelineError
+from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE
 from cdc_consumer.outbox import OUTBOX_TABLE
 from cdc_consumer.settings import ConsumerSettings
 
 log = structlog.get_logger(__name__)
+
+# MergeTree table settings, not query settings: ClickHouse refuses them in an INSERT's SETTINGS
+# (UNKNOWN_SETTING, checked on 26.9), so they are set on the tables that acknowledge delivery.
+# fsync_after_insert syncs each new part's files before the insert returns; fsync_part_directory
+# syncs the part's directory after the rename that commits it. Both tables, because a
+# dead-lettered event counts as delivered.
+FSYNC_SETTINGS = ("fsync_after_insert", "fsync_part_directory")
+FSYNC_TABLES = (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
 
 
 def ensure_publication(conn: psycopg.Connection[Any], name: str) -> None:
@@ -84,3 +96,30 @@ def migrate_schemas(settings: ConsumerSettings, clickhouse: ClickHouseTransport)
     migrations.migrate_clickhouse(
         clickhouse, migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
     )
+    ensure_fsync(
+        clickhouse,
+        enabled=settings.clickhouse_fsync_after_insert,
+        cluster=settings.clickhouse_cluster,
+    )
+
+
+def fsync_statements(*, enabled: bool, cluster: str | None = None) -> list[str]:
+    """The ALTERs that put the delivery tables' fsync settings where the environment says: set
+    to 1, or reset to the server's default (its `<merge_tree>` config, 0 unless changed)."""
+    if enabled:
+        change = "MODIFY SETTING " + ", ".join(f"{name} = 1" for name in FSYNC_SETTINGS)
+    else:
+        change = "RESET SETTING " + ", ".join(FSYNC_SETTINGS)
+    statements = [f"ALTER TABLE {table} {change}" for table in FSYNC_TABLES]
+    if cluster is None:
+        return statements
+    return [cluster_statement(statement, cluster=cluster) for statement in statements]
+
+
+def ensure_fsync(
+    clickhouse: ClickHouseTransport, *, enabled: bool, cluster: str | None = None
+) -> None:
+    """Apply `fsync_statements`: metadata-only ALTERs, cheap to repeat on every migrate."""
+    for statement in fsync_statements(enabled=enabled, cluster=cluster):
+        clickhouse.command(statement)
+    log.info("clickhouse fsync after insert", enabled=enabled, tables=list(FSYNC_TABLES))

@@ -1,4 +1,5 @@
-"""cdc_consumer.settings: the ClickHouse cluster variables, read once from the environment."""
+"""cdc_consumer.settings: the ClickHouse cluster and durability variables, read once from the
+environment."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ _REQUIRED = {
 @pytest.fixture
 def env(monkeypatch):
     """The required variables and no cluster ones; tests set what they need."""
-    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM"):
+    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM", "CLICKHOUSE_FSYNC_AFTER_INSERT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in _REQUIRED.items():
         monkeypatch.setenv(name, value)
@@ -102,3 +103,21 @@ def test_bad_cluster_is_reported_once_even_with_a_quorum(env):
     refusal = _refusal(env, CLICKHOUSE_CLUSTER="it's", CLICKHOUSE_INSERT_QUORUM="2")
     assert "\n" not in refusal
     assert refusal.startswith("configuration error: CLICKHOUSE_CLUSTER ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, False), ("", False), ("false", False), ("true", True), ("1", True)],
+)
+def test_fsync_after_insert_is_off_unless_asked_for(env, value, expected):
+    """Unset or empty, ClickHouse is not asked to fsync parts; true or 1 asks for it."""
+    if value is not None:
+        env.setenv("CLICKHOUSE_FSYNC_AFTER_INSERT", value)
+    assert load_settings().clickhouse_fsync_after_insert is expected
+
+
+def test_fsync_after_insert_that_is_not_a_boolean_is_refused(env):
+    """A value that is not a boolean stops the process with one line naming the variable."""
+    refusal = _refusal(env, CLICKHOUSE_FSYNC_AFTER_INSERT="sometimes")
+    assert "\n" not in refusal
+    assert refusal.startswith("configuration error: CLICKHOUSE_FSYNC_AFTER_INSERT ")
