@@ -28,9 +28,11 @@ log = structlog.get_logger(__name__)
 # MergeTree table settings, not query settings: ClickHouse refuses them in an INSERT's SETTINGS
 # (UNKNOWN_SETTING, checked on 26.9), so they are set on the tables that acknowledge delivery.
 # fsync_after_insert syncs each new part's files before the insert returns; fsync_part_directory
-# syncs the part's directory after the rename that commits it. Both tables, because a
-# dead-lettered event counts as delivered.
-FSYNC_SETTINGS = ("fsync_after_insert", "fsync_part_directory")
+# syncs the part's directory after the rename that commits it (and after a merge's). A merge
+# writes a new part and drops its sources: min_rows_to_fsync_after_merge = 1 syncs that part
+# too, since a server keeps the sources only old_parts_lifetime (480 s) for a crash to fall back
+# on, and chDB not at all (0). Both tables, because a dead-lettered event counts as delivered.
+FSYNC_SETTINGS = ("fsync_after_insert", "fsync_part_directory", "min_rows_to_fsync_after_merge")
 FSYNC_TABLES = (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
 
 
@@ -104,8 +106,8 @@ def migrate_schemas(settings: ConsumerSettings, clickhouse: ClickHouseTransport)
 
 
 def fsync_statements(*, enabled: bool, cluster: str | None = None) -> list[str]:
-    """The ALTERs that put the delivery tables' fsync settings where the environment says: set
-    to 1, or reset to the server's default (its `<merge_tree>` config, 0 unless changed)."""
+    """The ALTERs that put the delivery tables' fsync settings where the environment says: each
+    set to 1, or reset to the server's default (its `<merge_tree>` config, 0 unless changed)."""
     if enabled:
         change = "MODIFY SETTING " + ", ".join(f"{name} = 1" for name in FSYNC_SETTINGS)
     else:

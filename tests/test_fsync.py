@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_consumer.provisioning import FSYNC_TABLES, fsync_statements
+from cdc_consumer.provisioning import FSYNC_SETTINGS, FSYNC_TABLES, fsync_statements
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
 from tests.support.fix_consumer import current_wal_lsn, publish_probes
 
 pytestmark = pytest.mark.e2e
 
 
-def _table_fsync(clickhouse_url: str) -> dict[str, tuple[bool, bool]]:
-    """Per delivery table: whether its DDL sets fsync_after_insert and fsync_part_directory."""
+def _table_fsync(clickhouse_url: str) -> dict[str, tuple[bool, ...]]:
+    """Per delivery table: whether its DDL sets each of the fsync settings to 1."""
     names = ", ".join(f"'{table}'" for table in FSYNC_TABLES)
     rows = clickhouse_select(
         clickhouse_url,
@@ -20,7 +20,7 @@ def _table_fsync(clickhouse_url: str) -> dict[str, tuple[bool, bool]]:
         f" WHERE database = currentDatabase() AND name IN ({names})",
     )
     return {
-        str(name): ("fsync_after_insert = 1" in ddl, "fsync_part_directory = 1" in ddl)
+        str(name): tuple(f"{setting} = 1" in ddl for setting in FSYNC_SETTINGS)
         for name, ddl in rows
     }
 
@@ -36,14 +36,15 @@ def fsync_reset(clickhouse_server):
 def test_migrate_sets_fsync_on_the_delivery_tables_and_resets_it(
     fsync_reset, make_consumer, pg_conn
 ):
-    """On, both tables carry fsync_after_insert and fsync_part_directory and inserts still land;
-    a migrate with it off resets them to the server's default."""
+    """On, both tables carry fsync_after_insert, fsync_part_directory and
+    min_rows_to_fsync_after_merge, and inserts still land; a migrate with it off resets them to
+    the server's default."""
     # GIVEN a consumer configured to have ClickHouse fsync every part
     url = fsync_reset.url
     consumer = make_consumer(url, CLICKHOUSE_FSYNC_AFTER_INSERT="true")
     # WHEN it migrates and ships events
     consumer.migrate()
-    assert _table_fsync(url) == dict.fromkeys(FSYNC_TABLES, (True, True))
+    assert _table_fsync(url) == dict.fromkeys(FSYNC_TABLES, (True, True, True))
     consumer.start()
     ids = publish_probes(pg_conn, 10, "fsync-on")
     consumer.wait_confirmed(current_wal_lsn(pg_conn))
@@ -55,7 +56,7 @@ def test_migrate_sets_fsync_on_the_delivery_tables_and_resets_it(
     # AND a migrate with the variable unset takes the settings off again
     off = make_consumer(url)
     off.migrate()
-    assert _table_fsync(url) == dict.fromkeys(FSYNC_TABLES, (False, False))
+    assert _table_fsync(url) == dict.fromkeys(FSYNC_TABLES, (False, False, False))
 
 
 def test_fsync_statements_on_a_cluster_alter_every_host():
@@ -63,10 +64,11 @@ def test_fsync_statements_on_a_cluster_alter_every_host():
     statements = fsync_statements(enabled=True, cluster="events")
     assert statements == [
         f"ALTER TABLE {table} ON CLUSTER 'events' MODIFY SETTING fsync_after_insert = 1,"
-        " fsync_part_directory = 1"
+        " fsync_part_directory = 1, min_rows_to_fsync_after_merge = 1"
         for table in FSYNC_TABLES
     ]
     assert fsync_statements(enabled=False) == [
-        f"ALTER TABLE {table} RESET SETTING fsync_after_insert, fsync_part_directory"
+        f"ALTER TABLE {table} RESET SETTING fsync_after_insert, fsync_part_directory,"
+        " min_rows_to_fsync_after_merge"
         for table in FSYNC_TABLES
     ]
