@@ -96,6 +96,27 @@ def verify(
 ) -> VerifyReport:
     """Compare the outbox's events created in [since, until) (until: now) with what ClickHouse
     holds for `source`; see the module docstring for what is judged and how."""
+    try:
+        return _verify(database_url, transport, slot=slot, source=source, since=since, until=until)
+    except psycopg.Error as exc:
+        # Not a finding: exit 1 must only ever mean "missing or doubled".
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(
+            ErrorKind.TRANSIENT_SOURCE,
+            f"postgresql request failed: {detail}",
+            hint="check DATABASE_URL, and that `python -m cdc_consumer migrate` has run there",
+        ) from exc
+
+
+def _verify(
+    database_url: str,
+    transport: ClickHouseTransport,
+    *,
+    slot: str,
+    source: str,
+    since: datetime,
+    until: datetime | None,
+) -> VerifyReport:
     with psycopg.connect(database_url, autocommit=True) as conn:
         shipped, now = _shipped_until(conn, slot)
         until = until or now

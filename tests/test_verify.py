@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -60,6 +61,7 @@ def test_whole_pipeline_is_verified_whole(make_consumer, clickhouse_server, pg_c
     _ship(consumer, pg_conn, 7, "before-window")
     since = _now(pg_conn)
     _ship(consumer, pg_conn, 30, "in-window")
+    before_poison = _now(pg_conn)
     _publish_poison(pg_conn)
     consumer.wait_confirmed(current_wal_lsn(pg_conn))
     assert consumer.stop() == 0
@@ -70,6 +72,9 @@ def test_whole_pipeline_is_verified_whole(make_consumer, clickhouse_server, pg_c
     assert (report["checked"], report["delivered"], report["dead_lettered"]) == (31, 30, 1)
     assert (report["missing_count"], report["doubled_count"], report["in_flight"]) == (0, 0, 0)
     assert report["whole"] is True
+    # AND --until ends the window: the poison event, created after it, is not judged
+    code, report = _verify(consumer, since, "--until", before_poison.isoformat())
+    assert (code, report["checked"], report["dead_lettered"]) == (0, 30, 0)
     # AND the summary for a person says so
     text = consumer.cli("verify", "--since", since.isoformat())
     assert text.returncode == 0, text.stderr
@@ -168,7 +173,8 @@ def test_event_written_twice_as_two_parts_is_listed_doubled(
 
 
 def test_verify_refuses_a_window_it_cannot_judge(make_consumer, clickhouse_server):
-    """No --since, an --until before it, or a bad variable: exit 2, nothing judged."""
+    """No --since, an --until before it, a bad variable or a database it cannot read: exit 2,
+    never the 1 that means events are missing or doubled."""
     consumer = make_consumer(clickhouse_server.url)
     consumer.migrate()
     no_since = consumer.cli("verify")
@@ -185,3 +191,11 @@ def test_verify_refuses_a_window_it_cannot_judge(make_consumer, clickhouse_serve
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("configuration error: CDC_BATCH_MAX_ROWS")
+    elsewhere = urlsplit(consumer.env["DATABASE_URL"])._replace(path="/no_such_database")
+    unreachable = consumer.cli(
+        "verify",
+        "--since",
+        "2026-12-01T10:00:00+00:00",
+        env={**consumer.env, "DATABASE_URL": urlunsplit(elsewhere)},
+    )
+    assert (unreachable.returncode, "no_such_database" in unreachable.stderr) == (2, True)
