@@ -42,7 +42,9 @@ log = structlog.get_logger(__name__)
 CHUNK_ROWS = 10_000
 # The outbox columns the encoder needs, read as `::text`: the same text pgoutput sends.
 _COLUMNS = OUTBOX_COLUMNS
-_RELATION = pgoutput.Relation(
+# As a Relation message would describe them (every column text), for the consumer's encoder;
+# the fsync benchmark encodes its rows through it too.
+TEXT_RELATION = pgoutput.Relation(
     relation_id=0,
     namespace="public",
     name=OUTBOX_TABLE,
@@ -112,7 +114,7 @@ def _ship(
     settings: ConsumerSettings,
 ) -> BackfillResult:
     source = settings.source
-    encoder = EventLogEncoder(_RELATION, source=source)
+    encoder = EventLogEncoder(TEXT_RELATION, source=source)
     sink = ClickHouseSink(transport, source=source, cluster=settings.clickhouse_cluster)
     # A consumer run that lost the slot may still have an insert executing: let it end before
     # the presence check reads what is there, or its rows would be shipped a second time.
