@@ -58,7 +58,13 @@ WHERE created_at >= %(since)s AND created_at < %(until)s {after}
 ORDER BY created_at, event_id
 LIMIT %(limit)s
 """
-_AFTER = "AND (created_at, event_id) > (%(after_created_at)s, %(after_event_id)s::uuid)"
+# The plain bound is the one the created_at index can seek to, so a page reads from where the
+# last one ended (plus the rows sharing its created_at: one transaction's rows share now()),
+# not from `since` again.
+_AFTER = (
+    "AND created_at >= %(after_created_at)s"
+    " AND (created_at, event_id) > (%(after_created_at)s, %(after_event_id)s::uuid)"
+)
 
 
 @dataclass(slots=True)
