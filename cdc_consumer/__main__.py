@@ -17,7 +17,7 @@ from datetime import datetime
 import psycopg
 import structlog
 
-from cdc_consumer import backfill, clickhouse, migrations, provisioning, verify
+from cdc_consumer import backfill, clickhouse, provisioning, verify
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
@@ -46,8 +46,8 @@ def cmd_migrate(settings: ConsumerSettings, args: argparse.Namespace) -> int:
     if args.print_clickhouse_ddl:
         # For review before a cluster is migrated: what this configuration would apply to an
         # empty database. Connects to nothing.
-        ddl = migrations.clickhouse_ddl(
-            migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
+        ddl = provisioning.clickhouse_ddl(
+            cluster=settings.clickhouse_cluster, fsync=settings.clickhouse_fsync_after_insert
         )
         print(ddl, end="")
         return 0

@@ -118,6 +118,19 @@ def fsync_statements(*, enabled: bool, cluster: str | None = None) -> list[str]:
     return [cluster_statement(statement, cluster=cluster) for statement in statements]
 
 
+def clickhouse_ddl(*, cluster: str | None, fsync: bool) -> str:
+    """Every ClickHouse statement `migrate` applies to an empty database under this
+    configuration, for review: the sql/ files (as rewritten for `cluster`), then the fsync
+    settings, which every migrate sets."""
+    files = migrations.clickhouse_ddl(migrations.SQL_ROOT / "clickhouse", cluster=cluster)
+    statements = fsync_statements(enabled=fsync, cluster=cluster)
+    return (
+        f"{files}\n-- CLICKHOUSE_FSYNC_AFTER_INSERT={str(fsync).lower()} (on every migrate)\n"
+        + "\n\n".join(f"{statement};" for statement in statements)
+        + "\n"
+    )
+
+
 def ensure_fsync(
     clickhouse: ClickHouseTransport, *, enabled: bool, cluster: str | None = None
 ) -> None:
