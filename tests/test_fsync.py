@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_consumer.provisioning import FSYNC_SETTINGS, FSYNC_TABLES, fsync_statements
+from cdc_consumer.provisioning import (
+    FSYNC_SETTINGS,
+    FSYNC_TABLES,
+    fsync_statements,
+    tables_off_fsync_target,
+)
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
 from tests.support.fix_consumer import current_wal_lsn, publish_probes
 
@@ -72,3 +77,30 @@ def test_fsync_statements_on_a_cluster_alter_every_host():
         " min_rows_to_fsync_after_merge"
         for table in FSYNC_TABLES
     ]
+
+
+_PLAIN = (
+    "CREATE TABLE default.event_log (`a` UInt8) ENGINE = MergeTree ORDER BY a"
+    " SETTINGS index_granularity = 8192"
+)
+_SYNCED = (
+    f"{_PLAIN}, fsync_after_insert = 1, fsync_part_directory = 1, min_rows_to_fsync_after_merge = 1"
+)
+
+
+@pytest.mark.parametrize(
+    ("ddl", "enabled", "altered"),
+    [
+        (_PLAIN, False, False),  # the default deployment: no ALTER, so no ALTER grant needed
+        (_PLAIN, True, True),
+        (_SYNCED, True, False),
+        (_SYNCED, False, True),
+        (f"{_PLAIN}, fsync_after_insert = 1", True, True),  # partly set: completed
+        (f"{_PLAIN}, fsync_part_directory = 0", False, True),  # set to 0 by hand: reset
+    ],
+)
+def test_only_tables_off_target_are_altered(ddl, enabled, altered):
+    """migrate alters a table only when its settings differ from CLICKHOUSE_FSYNC_AFTER_INSERT."""
+    ddl_by_table = dict.fromkeys(FSYNC_TABLES, ddl)
+    expected = list(FSYNC_TABLES) if altered else []
+    assert tables_off_fsync_target(ddl_by_table, enabled=enabled) == expected
