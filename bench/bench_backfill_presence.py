@@ -7,10 +7,11 @@ does) against by event_id alone (what it did before).
 For each size: a fresh chDB data directory with sql/clickhouse applied, N synthetic rows of one
 source under five event types, one event a second of publish time (a long stretch; the denser
 a real outbox, the narrower a chunk's stretch), then the backfill's check for `--chunk`
-consecutive events (PRESENCE_IDS_PER_QUERY ids per query), and the check for one event by its
-stretch of time and by id alone, at three places in the table. Each query runs once, on rows
-of its own (a repeated query is answered from ClickHouse's query condition cache); best and
-median of the three are printed with the granules the plan selects. One JSON line per size.
+consecutive events (LOOKUP_IDS ids per query, within the chunk's stretch of time), and the
+check for one event by its stretch of time and by id alone, at three places in the table. Each
+query runs once, on rows of its own (a repeated query is answered from ClickHouse's query
+condition cache); best and median of the three are printed with the granules the plan selects.
+One JSON line per size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,11 +33,15 @@ from bench.measure import (
     timed,
     where_and_when,
 )
-from cdc_consumer import backfill
-from cdc_consumer.outbox import OUTBOX_COLUMNS
+from cdc_consumer.backfill import CHUNK_ROWS
+from cdc_consumer.clickhouse_sink import LOOKUP_IDS, stored_counts_sql, stored_event_counts
 
 SOURCE = "bench_source"
 EVENT_TYPES = "['user_created', 'user_updated', 'order_placed', 'order_paid', 'login']"
+
+
+def _published(text: object) -> datetime:
+    return datetime.fromisoformat(str(text)).replace(tzinfo=UTC)
 
 
 def measure(rows: int, chunk: int) -> dict[str, object]:
@@ -60,16 +66,14 @@ def measure(rows: int, chunk: int) -> dict[str, object]:
                 "SELECT toString(event_id), toString(event_date_time) FROM event_log"
                 f" ORDER BY event_date_time LIMIT {chunk} OFFSET {offset}"
             )
-            # Outbox rows as the backfill holds them (only event_id and event_date_time matter).
-            outbox_rows = [
-                tuple(str(row[0]) if c == "event_id" else str(row[1]) for c in OUTBOX_COLUMNS)
-                for row in picked[1:]
-            ]
-            check = partial(backfill.present_in_clickhouse, transport, SOURCE, outbox_rows)
+            # The backfill's lookup: the chunk's ids within its stretch of event_date_time.
+            ids = [str(row[0]) for row in picked[1:]]
+            between = (_published(picked[1][1]), _published(picked[-1][1]))
+            check = partial(stored_event_counts, transport, SOURCE, ids, between=between)
             chunk_s += timed(check, repeats=1)
             # One query's worth (the chunk's first row, not in the above), by time and by id.
-            first_id, first_published = str(picked[0][0]), str(picked[0][1])
-            bounded = backfill.presence_sql(SOURCE, [first_id], (first_published, first_published))
+            first_id, first_published = str(picked[0][0]), _published(picked[0][1])
+            bounded = stored_counts_sql(SOURCE, [first_id], between=(first_published,) * 2)
             by_id = (
                 "SELECT toString(event_id) FROM event_log"
                 f" WHERE source = '{SOURCE}' AND event_id = '{first_id}'"
@@ -81,7 +85,7 @@ def measure(rows: int, chunk: int) -> dict[str, object]:
             "chunk": chunk,
             "fill_seconds": round(fill_seconds, 1),
             **best_and_median("chunk_check", chunk_s),
-            "ids_per_query": backfill.PRESENCE_IDS_PER_QUERY,
+            "ids_per_query": LOOKUP_IDS,
             **best_and_median("by_time", bounded_s),
             "by_time_granules": granules_selected(transport, bounded),
             **best_and_median("by_id", by_id_s),
@@ -93,7 +97,7 @@ def measure(rows: int, chunk: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000, 100_000_000])
-    parser.add_argument("--chunk", type=int, default=backfill.CHUNK_ROWS)
+    parser.add_argument("--chunk", type=int, default=CHUNK_ROWS)
     args = parser.parse_args()
     for rows in args.rows:
         print(json.dumps(measure(rows, args.chunk)), flush=True)

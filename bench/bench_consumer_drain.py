@@ -1,14 +1,15 @@
 """How fast the consumer drains a backlog, against pg_recvlogical on the same WAL.
 
     .venv/bin/python bench/bench_consumer_drain.py --events 500000 [--tx-size 100] \
-        [--transport chdb|http] [--profile FILE]
+        [--transport chdb|http] [--fsync] [--profile FILE]
 
 Starts a disposable PostgreSQL, creates the consumer's slot and a second slot for
 pg_recvlogical, writes N outbox rows (~240 bytes each) in transactions of --tx-size rows with
 the consumer stopped, then times (1) pg_recvlogical reading the whole backlog to /dev/null (the
 ceiling: the server's decoding speed) and (2) the consumer, from its slot going active to the
 slot being confirmed past the last row (decode, encode, insert into ClickHouse, confirm). Prints
-one JSON line; the consumer's peak RSS is sampled every 50 ms.
+one JSON line; the consumer's peak RSS is sampled every 50 ms. With --fsync the consumer runs
+with CLICKHOUSE_FSYNC_AFTER_INSERT=true (ClickHouse fsyncs every part before it answers).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -49,36 +53,52 @@ END $$;
 """
 
 
+@contextmanager
+def bench_engines(prefix: str, transport: str) -> Iterator[tuple[Path, DisposablePostgres, str]]:
+    """A work directory, a started disposable PostgreSQL and the CLICKHOUSE_URL of a fresh
+    engine (chDB in process, which the consumer opens; or the chDB HTTP test server in its own
+    process); all removed on leaving."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    pg = DisposablePostgres(root=work / "pg")
+    pg.start()
+    server = None
+    try:
+        if transport == "chdb":
+            yield work, pg, f"chdb://{work / 'ch'}"
+            return
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.clickhouse_http", "--path", str(work / "ch")],
+            stdout=subprocess.PIPE,
+        )
+        assert server.stdout is not None
+        port = server.stdout.readline().decode().strip().rsplit(":", 1)[1]
+        yield work, pg, f"http://default:@127.0.0.1:{port}/default"
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+        pg.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _lsn(conn: psycopg.Connection[tuple[str]], sql: str) -> int:
     row = conn.execute(sql).fetchone()
     assert row is not None
     return str_to_lsn(str(row[0]))
 
 
-def main() -> None:  # noqa: PLR0915  (a benchmark script reads best top to bottom)
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--tx-size", type=int, default=100)
     parser.add_argument("--transport", choices=["chdb", "http"], default="chdb")
+    parser.add_argument("--fsync", action="store_true", help="CLICKHOUSE_FSYNC_AFTER_INSERT=true")
     parser.add_argument("--profile", help="write a cProfile of the consumer to this file")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-drain-"))
-    pg = DisposablePostgres(root=work / "pg")
-    pg.start()
-    http_server = None
-    try:
-        if args.transport == "http":
-            http_server = subprocess.Popen(
-                [sys.executable, "-m", "tests.support.clickhouse_http", "--path", str(work / "ch")],
-                stdout=subprocess.PIPE,
-            )
-            assert http_server.stdout is not None
-            port = http_server.stdout.readline().decode().strip().rsplit(":", 1)[1]
-            clickhouse_url = f"http://default:@127.0.0.1:{port}/default"
-        else:
-            clickhouse_url = f"chdb://{work / 'ch'}"
+    with bench_engines("bench-drain-", args.transport) as (work, pg, clickhouse_url):
         env = {**os.environ, "DATABASE_URL": pg.url, "CLICKHOUSE_URL": clickhouse_url,
-               "LOG_FORMAT": "json", "LOG_LEVEL": "info"}  # fmt: skip
+               "LOG_FORMAT": "json", "LOG_LEVEL": "info",
+               "CLICKHOUSE_FSYNC_AFTER_INSERT": "true" if args.fsync else "false"}  # fmt: skip
         subprocess.run([sys.executable, "-m", "cdc_consumer", "migrate"], env=env, check=True,
                        capture_output=True)  # fmt: skip
         with psycopg.connect(pg.url, autocommit=True) as conn:
@@ -140,6 +160,7 @@ def main() -> None:  # noqa: PLR0915  (a benchmark script reads best top to bott
             "events": args.events,
             "tx_size": args.tx_size,
             "transport": args.transport,
+            "fsync": args.fsync,
             "wal_bytes": wal_bytes,
             "fill_seconds": round(fill_seconds, 2),
             "pg_recvlogical_seconds": round(recv_seconds, 2),
@@ -152,11 +173,6 @@ def main() -> None:  # noqa: PLR0915  (a benchmark script reads best top to bott
             "consumer_peak_rss_mb": round(peak_rss / 2**20),
             "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
         }))  # fmt: skip
-    finally:
-        if http_server is not None:
-            http_server.terminate()
-            http_server.wait()
-        pg.destroy()
 
 
 if __name__ == "__main__":

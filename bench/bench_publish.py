@@ -48,6 +48,7 @@ from uuid_utils.compat import uuid7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.measure import where_and_when
 from cdc_consumer import migrations
 from cdc_consumer.clickhouse import ChdbTransport, connect
 from cdc_consumer.event_log import EVENT_LOG_TABLE
@@ -268,9 +269,7 @@ def main() -> None:
         "small_list_events_per_s_median": round(statistics.median(small_rates)),
         "repeats": args.repeats,
         "python": platform.python_version(),
-        "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **where_and_when(),
     }))  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import statistics
@@ -9,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cdc_consumer import migrations
@@ -39,8 +41,13 @@ def best_and_median(name: str, seconds: list[float]) -> dict[str, float]:
     }
 
 
-def where_and_when() -> dict[str, str]:
-    return {"machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")}
+def where_and_when() -> dict[str, object]:
+    """The machine, how busy it was, and when: beside every figure."""
+    return {
+        "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 @contextmanager

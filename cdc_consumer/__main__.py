@@ -1,8 +1,10 @@
 """CLI: `python -m cdc_consumer run | migrate [--print-clickhouse-ddl] | status [--json] | health |
-backfill --since T`.
+backfill --since T | verify --since T [--until U] [--json]`.
 
 The entry point is the only place that reads the environment, configures logging and Sentry,
-and wires the parts together.
+and wires the parts together. A configuration error (a bad variable or argument) exits 2, as
+does a command that could not do its work; `status`, `health` and `verify` exit 1 for what
+they found wrong.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import datetime
 
 import structlog
 
-from cdc_consumer import backfill, clickhouse, migrations, postgres, provisioning
+from cdc_consumer import backfill, clickhouse, postgres, provisioning, verify
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
@@ -43,8 +45,8 @@ def cmd_migrate(settings: ConsumerSettings, args: argparse.Namespace) -> int:
     if args.print_clickhouse_ddl:
         # For review before a cluster is migrated: what this configuration would apply to an
         # empty database. Connects to nothing.
-        ddl = migrations.clickhouse_ddl(
-            migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
+        ddl = provisioning.clickhouse_ddl(
+            cluster=settings.clickhouse_cluster, fsync=settings.clickhouse_fsync_after_insert
         )
         print(ddl, end="")
         return 0
@@ -96,8 +98,6 @@ def cmd_health(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
-    if args.since is None:
-        raise SystemExit("backfill needs --since, an ISO 8601 time with its offset")
     transport = _migrate_schemas_only(settings)
     try:
         result = backfill.backfill(settings, transport, args.since)
@@ -105,6 +105,25 @@ def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
         transport.close()
     print(json.dumps(result.as_dict()))
     return 0
+
+
+def cmd_verify(settings: ConsumerSettings, args: argparse.Namespace) -> int:
+    """Compare the outbox with ClickHouse over the window; exit 1 if any event is missing or
+    doubled. Reads only: it migrates nothing."""
+    transport = _connect(settings)
+    try:
+        report = verify.verify(
+            settings.database_url.get_secret_value(),
+            transport,
+            slot=settings.cdc_slot,
+            source=settings.source,
+            since=args.since,
+            until=args.until,
+        )
+    finally:
+        transport.close()
+    print(json.dumps(report.as_dict()) if args.json else verify.summary(report))
+    return 0 if report.whole else 1
 
 
 def _migrate_schemas_only(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
@@ -126,17 +145,26 @@ COMMANDS = {
     "status": cmd_status,
     "health": cmd_health,
     "backfill": cmd_backfill,
+    "verify": cmd_verify,
 }
+# Commands that need --since (and the only ones that take it, or --until).
+_WINDOWED = {"backfill", "verify"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cdc_consumer", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("--json", action="store_true", help="status: one JSON object")
+    parser.add_argument("--json", action="store_true", help="status, verify: one JSON object")
     parser.add_argument(
         "--since",
         type=_aware_time,
-        help="backfill: re-ship outbox rows committed at or after this ISO 8601 time",
+        help="backfill: re-ship outbox rows committed at or after this ISO 8601 time; verify:"
+        " check outbox rows created at or after it",
+    )
+    parser.add_argument(
+        "--until",
+        type=_aware_time,
+        help="verify: check outbox rows created before this ISO 8601 time (default: now)",
     )
     parser.add_argument(
         "--print-clickhouse-ddl",
@@ -146,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.print_clickhouse_ddl and args.command != "migrate":
         parser.error("--print-clickhouse-ddl goes with migrate")
-    settings = load_settings()
+    if args.command in _WINDOWED and args.since is None:
+        parser.error(f"{args.command} needs --since, an ISO 8601 time with its offset")
+    if args.until is not None and args.command != "verify":
+        parser.error("--until goes with verify")
+    try:
+        settings = load_settings()
+    except SystemExit as exc:
+        # The one line naming the variable, with the exit code of every configuration error
+        # (verify's 1 means it found events missing or doubled).
+        print(exc.code, file=sys.stderr)
+        return 2
     configure_logging(settings)
     configure_sentry(settings)
     try:

@@ -27,7 +27,7 @@ Exactly once, by construction rather than by merges:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,11 +38,11 @@ from psycopg import sql
 
 from cdc_consumer import pgoutput, postgres, provisioning
 from cdc_consumer.batch import Batch
-from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
-from cdc_consumer.clickhouse_sink import LEGACY_SOURCE, ClickHouseSink
+from cdc_consumer.clickhouse import ClickHouseTransport
+from cdc_consumer.clickhouse_sink import ClickHouseSink, stored_event_counts
 from cdc_consumer.delivery import SinkWorker
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE, EventLogEncoder
+from cdc_consumer.event_log import EventLogEncoder
 from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_TABLE
 from cdc_consumer.settings import ConsumerSettings
 from cdc_consumer.sink import ORIGIN
@@ -50,16 +50,14 @@ from cdc_consumer.sink import ORIGIN
 log = structlog.get_logger(__name__)
 
 CHUNK_ROWS = 10_000
-# Each id is ~40 bytes of SQL and the query names them twice: 2,000 keep it near 160 KB, inside
-# ClickHouse's max_query_size (256 KiB), which a query's own SETTINGS cannot raise (it is
-# read before the query is parsed). Measured: a whole 10,000-row chunk at once is refused.
-PRESENCE_IDS_PER_QUERY = 2_000
 # Read from this long before `since`: commit timestamps come from the server's clock, `since`
 # often from an operator's, and a row read twice costs only its presence check.
 COMMIT_TIME_MARGIN = timedelta(minutes=1)
 # The outbox columns the encoder needs, read as `::text`: the same text pgoutput sends.
 _COLUMNS = OUTBOX_COLUMNS
-_RELATION = pgoutput.Relation(
+# As a Relation message would describe them (every column text), for the consumer's encoder;
+# the fsync benchmark encodes its rows through it too.
+TEXT_RELATION = pgoutput.Relation(
     relation_id=0,
     namespace="public",
     name=OUTBOX_TABLE,
@@ -146,7 +144,7 @@ def _ship(
     settings: ConsumerSettings,
 ) -> BackfillResult:
     source = settings.source
-    encoder = EventLogEncoder(_RELATION, source=source)
+    encoder = EventLogEncoder(TEXT_RELATION, source=source)
     sink = ClickHouseSink(transport, source=source, cluster=settings.clickhouse_cluster)
     # A consumer run that lost the slot may still have an insert executing: let it end before
     # the presence check reads what is there, or its rows would be shipped a second time.
@@ -164,7 +162,7 @@ def _ship(
                     read += len(chunk)
                     unknown += sum(1 for row in chunk if row[0])
                     rows = [row[1:] for row in chunk]
-                    present = present_in_clickhouse(transport, source, rows)
+                    present = _present(transport, source, rows)
                     fresh = [row for row in rows if row[_EVENT_ID] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
@@ -187,43 +185,22 @@ def _ship(
     )
 
 
-def presence_sql(source: str, event_ids: list[str], published: tuple[str, str]) -> str:
-    """The query for which of `event_ids` (published between the two event_date_time texts)
-    ClickHouse already holds for this source, delivered or dead-lettered. The time bounds let
-    event_log be read by its partition and sort key; the dead-letter table, small and sorted by
-    position, is read whole."""
-    quoted = ",".join(f"'{event_id}'" for event_id in event_ids)  # uuid text: no quotes inside
-    sources = f"source IN ({quote_string(source)}, {quote_string(LEGACY_SOURCE)})"
-    # A second either side: the bounds are parsed here as the encoder's text was at insert.
-    earliest, latest = (
-        f"parseDateTime64BestEffort({quote_string(text)}, 6, 'UTC')" for text in published
-    )
-    return (
-        f"SELECT toString(event_id) FROM {EVENT_LOG_TABLE}"
-        f" WHERE {sources} AND event_date_time >= {earliest} - INTERVAL 1 SECOND"
-        f" AND event_date_time <= {latest} + INTERVAL 1 SECOND AND event_id IN ({quoted})"
-        f" UNION ALL SELECT event_id FROM {DEAD_LETTER_TABLE}"
-        f" WHERE {sources} AND event_id IN ({quoted})"
-    )
-
-
 _EVENT_ID = OUTBOX_COLUMNS.index("event_id")
 _PUBLISHED = OUTBOX_COLUMNS.index("event_date_time")
 
 
-def present_in_clickhouse(
+def _present(
     transport: ClickHouseTransport, source: str, rows: Sequence[Sequence[str | None]]
-) -> set[str]:
-    """The event ids of a chunk (in publish-time order) that ClickHouse already holds, asked
-    PRESENCE_IDS_PER_QUERY at a time."""
-    present: set[str] = set()
-    for start in range(0, len(rows), PRESENCE_IDS_PER_QUERY):
-        part = rows[start : start + PRESENCE_IDS_PER_QUERY]
-        event_ids = [str(row[_EVENT_ID]) for row in part]
-        published = (str(part[0][_PUBLISHED]), str(part[-1][_PUBLISHED]))
-        answer = transport.select(presence_sql(source, event_ids, published))
-        present.update(str(row[0]) for row in answer)
-    return present
+) -> Collection[str]:
+    """The event ids of a chunk (in publish-time order) that ClickHouse already holds, looked up
+    within the chunk's stretch of event_date_time, which event_log finds by its partition and
+    sort key instead of reading every event_id."""
+    published = (
+        datetime.fromisoformat(str(rows[0][_PUBLISHED])),
+        datetime.fromisoformat(str(rows[-1][_PUBLISHED])),
+    )
+    event_ids = [str(row[_EVENT_ID]) for row in rows]
+    return stored_event_counts(transport, source, event_ids, between=published).keys()
 
 
 def _submit(worker: SinkWorker, batch: Batch) -> None:

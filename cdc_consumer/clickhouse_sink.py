@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import count
 
 from cdc_consumer.clickhouse import SUPERSEDED_MARK, ClickHouseTransport, quote_string
@@ -69,6 +71,69 @@ RESTART_READ_SETTINGS: dict[str, str] = {
     "timeout_overflow_mode": "throw",
     "timeout_overflow_mode_leaf": "throw",
 }
+
+# What the presence lookup (backfill, verify) pins besides: a lightweight-deleted row is gone.
+PRESENCE_READ_SETTINGS: dict[str, str] = {**RESTART_READ_SETTINGS, "apply_deleted_mask": "1"}
+# Event ids per presence lookup. Its two IN lists of quoted uuids (~39 bytes each, ~160 KB in
+# all) stay under ClickHouse's default max_query_size (256 KiB), which bounds the query text
+# and which the embedded engine cannot raise from inside the query.
+LOOKUP_IDS = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCounts:
+    """Physical rows one event has in each table, counted without FINAL, so a duplicate that a
+    ReplacingMergeTree merge has not folded yet is counted."""
+
+    event_log: int = 0
+    dead_letter: int = 0
+
+
+def stored_event_counts(
+    transport: ClickHouseTransport,
+    source: str,
+    event_ids: Sequence[str],
+    *,
+    between: tuple[datetime, datetime] | None = None,
+) -> dict[str, StoredCounts]:
+    """What event_log and event_log_dead_letter hold of these events (uuid text) for `source`
+    (and rows written before sources were recorded), by event id; absent ids are left out.
+    `between` bounds event_date_time (inclusive), which lets ClickHouse skip the partitions
+    and granules outside it; rows of these events outside it are not counted."""
+    found: dict[str, StoredCounts] = {}
+    for start in range(0, len(event_ids), LOOKUP_IDS):
+        query = stored_counts_sql(source, event_ids[start : start + LOOKUP_IDS], between=between)
+        for event_id, logged, dead in transport.select(query, PRESENCE_READ_SETTINGS):
+            seen = found.get(str(event_id), StoredCounts())
+            found[str(event_id)] = StoredCounts(
+                seen.event_log + int(logged), seen.dead_letter + int(dead)
+            )
+    return found
+
+
+def stored_counts_sql(
+    source: str, event_ids: Sequence[str], *, between: tuple[datetime, datetime] | None = None
+) -> str:
+    """One lookup of `stored_event_counts` (at most LOOKUP_IDS ids)."""
+    sources = f"source IN ({quote_string(source)}, {quote_string(LEGACY_SOURCE)})"
+    when = ""
+    if between is not None:
+        when = (
+            f" AND event_date_time BETWEEN {_datetime64(between[0])} AND {_datetime64(between[1])}"
+        )
+    quoted = ",".join(f"'{uuid.UUID(event_id)}'" for event_id in event_ids)
+    return (
+        f"SELECT toString(event_id), count(), 0 FROM {EVENT_LOG_TABLE}"
+        f" WHERE {sources} AND event_id IN ({quoted}){when} GROUP BY event_id"
+        f" UNION ALL SELECT event_id, 0, count() FROM {DEAD_LETTER_TABLE}"
+        f" WHERE {sources} AND event_id IN ({quoted}) GROUP BY event_id"
+    )
+
+
+def _datetime64(value: datetime) -> str:
+    """A DateTime64(6, 'UTC') literal: event_log keeps the outbox's microseconds exactly."""
+    text = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return f"toDateTime64('{text}', 6, 'UTC')"
 
 
 class ClickHouseSink:

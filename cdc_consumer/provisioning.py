@@ -4,22 +4,38 @@ The slot is created here, before the consumer ever streams, so every event commi
 `migrate` returns is retained in the WAL for the consumer, even if it starts much later.
 The publication is managed in code rather than in a numbered SQL file because its name is
 configuration (CDC_PUBLICATION); it publishes inserts only, so pruning never reaches the slot.
+The fsync table settings are too (CLICKHOUSE_FSYNC_AFTER_INSERT): every migrate brings them to
+what the environment says, both ways.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
 import structlog
 
 from cdc_consumer import migrations, postgres
-from cdc_consumer.clickhouse import ClickHouseTransport
+from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
+from cdc_consumer.clickhouse_cluster import cluster_statement
 from cdc_consumer.errors import ErrorKind, PipelineError
+from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE
 from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.settings import ConsumerSettings
 
 log = structlog.get_logger(__name__)
+
+# MergeTree table settings, not query settings: ClickHouse refuses them in an INSERT's SETTINGS
+# (UNKNOWN_SETTING, checked on 26.9), so they are set on the tables that acknowledge delivery.
+# fsync_after_insert syncs each new part's files before the insert returns; fsync_part_directory
+# syncs the part's directory after the rename that commits it (and after a merge's). A merge
+# writes a new part and drops its sources: min_rows_to_fsync_after_merge = 1 syncs that part
+# too, since a server keeps the sources only old_parts_lifetime (480 s) for a crash to fall back
+# on, and chDB not at all (0). Both tables, because a dead-lettered event counts as delivered.
+FSYNC_SETTINGS = ("fsync_after_insert", "fsync_part_directory", "min_rows_to_fsync_after_merge")
+FSYNC_TABLES = (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
 
 
 def ensure_publication(
@@ -135,3 +151,71 @@ def _migrate_clickhouse(settings: ConsumerSettings, clickhouse: ClickHouseTransp
     migrations.migrate_clickhouse(
         clickhouse, migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
     )
+    ensure_fsync(
+        clickhouse,
+        enabled=settings.clickhouse_fsync_after_insert,
+        cluster=settings.clickhouse_cluster,
+    )
+
+
+def fsync_statements(
+    *, enabled: bool, cluster: str | None = None, tables: Sequence[str] = FSYNC_TABLES
+) -> list[str]:
+    """The ALTERs that put the fsync settings of `tables` where the environment says: each set
+    to 1, or reset to the server's default (its `<merge_tree>` config, 0 unless changed)."""
+    if enabled:
+        change = "MODIFY SETTING " + ", ".join(f"{name} = 1" for name in FSYNC_SETTINGS)
+    else:
+        change = "RESET SETTING " + ", ".join(FSYNC_SETTINGS)
+    statements = [f"ALTER TABLE {table} {change}" for table in tables]
+    if cluster is None:
+        return statements
+    return [cluster_statement(statement, cluster=cluster) for statement in statements]
+
+
+def tables_off_fsync_target(ddl_by_table: Mapping[str, str], *, enabled: bool) -> list[str]:
+    """The delivery tables whose DDL (`create_table_query`) does not already say what the
+    environment asks: all three settings at 1, or none of them set."""
+    off_target = []
+    for table in FSYNC_TABLES:
+        ddl = ddl_by_table.get(table, "")
+        values = [re.search(rf"\b{name}\s*=\s*(\d+)", ddl) for name in FSYNC_SETTINGS]
+        if enabled:
+            wrong = any(value is None or value.group(1) != "1" for value in values)
+        else:
+            wrong = any(value is not None for value in values)
+        if wrong:
+            off_target.append(table)
+    return off_target
+
+
+def clickhouse_ddl(*, cluster: str | None, fsync: bool) -> str:
+    """Every ClickHouse statement `migrate` applies to an empty database under this
+    configuration, for review: the sql/ files (as rewritten for `cluster`), then the fsync
+    settings when they are on (off, a new table has nothing to reset)."""
+    files = migrations.clickhouse_ddl(migrations.SQL_ROOT / "clickhouse", cluster=cluster)
+    if not fsync:
+        return f"{files}\n-- CLICKHOUSE_FSYNC_AFTER_INSERT=false: no fsync settings\n"
+    statements = fsync_statements(enabled=True, cluster=cluster)
+    return (
+        f"{files}\n-- CLICKHOUSE_FSYNC_AFTER_INSERT=true\n"
+        + "\n\n".join(f"{statement};" for statement in statements)
+        + "\n"
+    )
+
+
+def ensure_fsync(
+    clickhouse: ClickHouseTransport, *, enabled: bool, cluster: str | None = None
+) -> None:
+    """Alter only the tables whose fsync settings differ from what the environment asks, so a
+    consumer left at the default needs no ALTER grant to start. On a cluster the host named
+    by CLICKHOUSE_URL is read, and the ALTERs it needs run ON CLUSTER."""
+    names = ", ".join(quote_string(table) for table in FSYNC_TABLES)
+    rows = clickhouse.select(
+        "SELECT name, create_table_query FROM system.tables"
+        f" WHERE database = currentDatabase() AND name IN ({names})"
+    )
+    tables = tables_off_fsync_target({str(n): str(ddl) for n, ddl in rows}, enabled=enabled)
+    for statement in fsync_statements(enabled=enabled, cluster=cluster, tables=tables):
+        clickhouse.command(statement)
+    log.info("clickhouse fsync after insert", enabled=enabled, altered=tables)

@@ -88,6 +88,11 @@ def _insert_quorum(value: object) -> object:
     return int(text)
 
 
+def _empty_is_false(value: object) -> object:
+    # Empty, as .env files spell "unset", is the default (off), as for CLICKHOUSE_CLUSTER.
+    return False if isinstance(value, str) and not value.strip() else value
+
+
 Identifier = Annotated[str, AfterValidator(_postgres_identifier)]
 
 _GIB = 1024**3
@@ -157,6 +162,11 @@ class ConsumerSettings(SlotCheckSettings):
     # Replicas that must hold an insert before ClickHouse acknowledges it (and so before the
     # slot is confirmed); 0 is off, 'auto' a majority of the replicas.
     clickhouse_insert_quorum: Annotated[InsertQuorum, BeforeValidator(_insert_quorum)] = 0
+    # Whether ClickHouse fsyncs each inserted part (and its directory) before acknowledging the
+    # insert, and so before the slot is confirmed past it. Off, an OS crash or power loss on a
+    # single server can lose parts ClickHouse already acknowledged; on, every insert pays for
+    # the fsyncs (docs/benchmarks.md, "fsync"). Table settings, applied by `migrate`.
+    clickhouse_fsync_after_insert: Annotated[bool, BeforeValidator(_empty_is_false)] = False
 
     @field_validator("clickhouse_cluster")
     @classmethod

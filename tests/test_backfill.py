@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
 
-from cdc_consumer import backfill
+from cdc_consumer.clickhouse import connect
+from cdc_consumer.clickhouse_sink import stored_counts_sql, stored_event_counts
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select, granules_read
 from tests.support.fix_consumer import Consumer, current_wal_lsn, publish_probes
 
@@ -223,8 +225,16 @@ def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhous
             f" WHERE source = '{source}' ORDER BY event_date_time LIMIT 500 OFFSET 1000000",
         )
         event_ids = [event_id for event_id, _ in chunk]
-        query = backfill.presence_sql(source, event_ids, (chunk[0][1], chunk[-1][1]))
-        found = clickhouse_select(clickhouse_server.url, query)
+        # (the backfill bounds each chunk by its first and last event_date_time)
+        earliest, latest = (
+            datetime.fromisoformat(published).replace(tzinfo=UTC)
+            for published in (chunk[0][1], chunk[-1][1])
+        )
+        between = (earliest, latest)
+        query = stored_counts_sql(source, event_ids, between=between)
+        found = stored_event_counts(
+            connect(clickhouse_server.url), source, event_ids, between=between
+        )
         plan = clickhouse_select(clickhouse_server.url, f"EXPLAIN indexes = 1 {query}")
         by_id_alone = clickhouse_select(
             clickhouse_server.url,
@@ -234,6 +244,6 @@ def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhous
     finally:
         clickhouse_command(clickhouse_server.url, "ALTER TABLE event_log DROP PARTITION 200102")
     # THEN every event of the chunk is found, reading a handful of granules of the 245
-    assert sorted(row[0] for row in found) == sorted(event_ids)
+    assert sorted(found) == sorted(event_ids)
     assert granules_read(plan) <= 6, plan
     assert granules_read(by_id_alone) >= rows // 8192, by_id_alone

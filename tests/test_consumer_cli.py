@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cdc_consumer import migrations
+from cdc_consumer import migrations, provisioning
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -128,9 +128,11 @@ def test_print_clickhouse_ddl_shows_the_cluster_schema_and_connects_to_nothing()
     result = _run("migrate", "--print-clickhouse-ddl", env=env)
     assert result.returncode == 0, result.stderr
     root = migrations.SQL_ROOT / "clickhouse"
-    assert result.stdout == migrations.clickhouse_ddl(root, cluster="events")
+    assert result.stdout == provisioning.clickhouse_ddl(cluster="events", fsync=False)
+    assert result.stdout.startswith(migrations.clickhouse_ddl(root, cluster="events"))
     statements = migrations.split_statements(result.stdout)
-    assert len(statements) == len(migrations.split_statements(migrations.clickhouse_ddl(root)))
+    single = migrations.split_statements(provisioning.clickhouse_ddl(cluster=None, fsync=False))
+    assert len(statements) == len(single)
     assert all("ON CLUSTER 'events'" in statement for statement in statements)
 
 
@@ -138,8 +140,21 @@ def test_print_clickhouse_ddl_without_a_cluster_is_the_single_server_schema():
     """Without CLICKHOUSE_CLUSTER it prints the files' statements as written, no ON CLUSTER."""
     result = _run("migrate", "--print-clickhouse-ddl", env=_clean_env(**_UNREACHABLE))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == migrations.clickhouse_ddl(migrations.SQL_ROOT / "clickhouse")
+    assert result.stdout.startswith(migrations.clickhouse_ddl(migrations.SQL_ROOT / "clickhouse"))
     assert "ON CLUSTER" not in result.stdout
+
+
+def test_print_clickhouse_ddl_ends_with_the_fsync_settings_migrate_sets():
+    """The fsync settings are DDL too: with CLICKHOUSE_FSYNC_AFTER_INSERT on, the printout ends
+    with the ALTERs that set them."""
+    on = _run(
+        "migrate",
+        "--print-clickhouse-ddl",
+        env=_clean_env(**_UNREACHABLE, CLICKHOUSE_FSYNC_AFTER_INSERT="true"),
+    )
+    assert on.returncode == 0, on.stderr
+    alters = "\n\n".join(f"{s};" for s in provisioning.fsync_statements(enabled=True))
+    assert on.stdout.endswith(f"-- CLICKHOUSE_FSYNC_AFTER_INSERT=true\n{alters}\n")
 
 
 def test_print_clickhouse_ddl_belongs_to_migrate():

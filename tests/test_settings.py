@@ -15,7 +15,12 @@ _REQUIRED = {
 @pytest.fixture
 def env(monkeypatch):
     """The required variables and no cluster ones; tests set what they need."""
-    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM", "CDC_IGNORED_TABLES"):
+    for name in (
+        "CLICKHOUSE_CLUSTER",
+        "CLICKHOUSE_INSERT_QUORUM",
+        "CLICKHOUSE_FSYNC_AFTER_INSERT",
+        "CDC_IGNORED_TABLES",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in _REQUIRED.items():
         monkeypatch.setenv(name, value)
@@ -125,3 +130,21 @@ def test_ignored_table_that_is_unqualified_or_the_outbox_is_refused(env, value, 
     message = _refusal(env, CDC_IGNORED_TABLES=value)
     assert "CDC_IGNORED_TABLES" in message
     assert reason in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, False), ("", False), ("false", False), ("true", True), ("1", True)],
+)
+def test_fsync_after_insert_is_off_unless_asked_for(env, value, expected):
+    """Unset or empty, ClickHouse is not asked to fsync parts; true or 1 asks for it."""
+    if value is not None:
+        env.setenv("CLICKHOUSE_FSYNC_AFTER_INSERT", value)
+    assert load_settings().clickhouse_fsync_after_insert is expected
+
+
+def test_fsync_after_insert_that_is_not_a_boolean_is_refused(env):
+    """A value that is not a boolean stops the process with one line naming the variable."""
+    refusal = _refusal(env, CLICKHOUSE_FSYNC_AFTER_INSERT="sometimes")
+    assert "\n" not in refusal
+    assert refusal.startswith("configuration error: CLICKHOUSE_FSYNC_AFTER_INSERT ")

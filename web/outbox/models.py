@@ -14,6 +14,8 @@ import orjson
 from django.db import models
 from django.db.models.functions import Now
 
+from cdc_consumer.outbox import OUTBOX_TABLE
+
 
 class OrjsonEncoder(json.JSONEncoder):
     """Encodes jsonb values the ORM writes or looks up with orjson, not the json module.
@@ -40,7 +42,7 @@ class EventOutbox(models.Model):
 
     class Meta:
         managed = False
-        db_table = "event_outbox"
+        db_table = OUTBOX_TABLE  # the contract the consumer reads too (cdc_consumer.outbox)
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.event_id}"
