@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -29,6 +27,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_consumer_drain import FILL_SQL, bench_engines
+from bench.measure import where_and_when
 from cdc_consumer.pgoutput import str_to_lsn
 
 
@@ -97,9 +96,7 @@ def main() -> None:
             "missing": report["missing_count"],
             "doubled": report["doubled_count"],
             "in_flight": report["in_flight"],
-            "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            **where_and_when(),
         }))  # fmt: skip
 
 
