@@ -71,11 +71,17 @@ def backfill(
     url = settings.database_url.get_secret_value()
     slot = settings.cdc_slot
     with postgres.connect(url, autocommit=True) as conn:
+        provisioning.check_failover_supported(
+            conn.info.server_version, failover=settings.cdc_slot_failover
+        )
         _drop_lost_slot(conn, slot)
         provisioning.ensure_publication(conn, settings.cdc_publication)
+    options = (
+        "SNAPSHOT 'export', FAILOVER true" if settings.cdc_slot_failover else "SNAPSHOT 'export'"
+    )
     with postgres.connect(url, autocommit=True, replication="database") as replication:
         created = replication.execute(
-            f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"
+            f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput ({options})"
         ).fetchone()
         assert created is not None  # the command always answers one row
         log.info("replication slot recreated for backfill", slot=slot, lsn=created[1])

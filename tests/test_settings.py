@@ -1,4 +1,5 @@
-"""cdc_consumer.settings: the ClickHouse cluster variables, read once from the environment."""
+"""cdc_consumer.settings: the ClickHouse cluster variables and CDC_SLOT_FAILOVER, read once from
+the environment."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ _REQUIRED = {
 @pytest.fixture
 def env(monkeypatch):
     """The required variables and no cluster ones; tests set what they need."""
-    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM"):
+    for name in ("CLICKHOUSE_CLUSTER", "CLICKHOUSE_INSERT_QUORUM", "CDC_SLOT_FAILOVER"):
         monkeypatch.delenv(name, raising=False)
     for name, value in _REQUIRED.items():
         monkeypatch.setenv(name, value)
@@ -102,3 +103,22 @@ def test_bad_cluster_is_reported_once_even_with_a_quorum(env):
     refusal = _refusal(env, CLICKHOUSE_CLUSTER="it's", CLICKHOUSE_INSERT_QUORUM="2")
     assert "\n" not in refusal
     assert refusal.startswith("configuration error: CLICKHOUSE_CLUSTER ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, False), ("", False), ("false", False), ("0", False), ("true", True), ("on", True)],
+)
+def test_slot_failover_is_a_boolean_off_by_default(env, value, expected):
+    """CDC_SLOT_FAILOVER is off unless set; empty (as .env files write unset) is off."""
+    if value is not None:
+        env.setenv("CDC_SLOT_FAILOVER", value)
+    assert load_settings().cdc_slot_failover is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled"])
+def test_slot_failover_that_is_not_a_boolean_is_refused(env, value):
+    """A value that is not a boolean stops the process with one line naming the variable."""
+    assert _refusal(env, CDC_SLOT_FAILOVER=value) == (
+        "configuration error: CDC_SLOT_FAILOVER must be true or false"
+    )
