@@ -30,8 +30,10 @@ from cdc_consumer import migrations
 from cdc_consumer.clickhouse import ChdbTransport
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.sink import SourceIdentity
+from cdc_consumer.timeline import WalHistory
 
 SOURCE = "bench_source"
+FIRST = WalHistory(1)  # rows without a timeline, on a server that never failed over
 _READ = re.compile(r"Parts: \d+ \| Granules: \d+")
 UNBOUNDED = (
     "SELECT source_lsn, source_seq FROM (SELECT source_lsn, source_seq FROM event_log"
@@ -76,8 +78,8 @@ def measure(rows: int, above: int) -> dict[str, object]:
 
             def startup() -> None:
                 sink.fence_earlier_runs()
-                sink.check_source(identity)
-                stored = sink.stored_positions(confirmed)
+                sink.check_source(identity, FIRST, slot_lsn=confirmed)
+                stored = sink.stored_positions(confirmed, FIRST)
                 assert stored.rows == above, stored.rows
 
             bounded = _timed(startup)
@@ -88,7 +90,7 @@ def measure(rows: int, above: int) -> dict[str, object]:
                 "fill_seconds": round(fill_seconds, 1),
                 "startup_best_s": round(min(bounded), 3),
                 "startup_median_s": round(statistics.median(bounded), 3),
-                "startup_granules": _granules(transport, sink.restart_read_sql(confirmed)),
+                "startup_granules": _granules(transport, sink.restart_read_sql(confirmed, FIRST)),
                 "unbounded_read_best_s": round(min(unbounded), 3),
                 "unbounded_read_median_s": round(statistics.median(unbounded), 3),
                 "unbounded_granules": _granules(transport, UNBOUNDED),

@@ -62,16 +62,22 @@ class Consumer:
         return self.env["CDC_SLOT"]
 
     def cli(
-        self, *args: str, env: dict[str, str] | None = None
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "cdc_consumer", *args],
             env=env or self.env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
+
+    def point_at(self, database_url: str) -> None:
+        """From now on, read (and clean up) the PostgreSQL at `database_url`, as a deployment
+        does when its database endpoint moves to a promoted standby."""
+        self.env["DATABASE_URL"] = database_url
+        self.postgres_url = database_url
 
     def migrate(self) -> None:
         result = self.cli("migrate")
