@@ -84,8 +84,8 @@ def ensure_slot(
     next promotion."""
     check_failover_supported(conn.info.server_version, failover=failover)
     row = conn.execute(
-        "SELECT plugin, slot_type, coalesce((to_jsonb(s) ->> 'failover')::boolean, false)"
-        " FROM pg_replication_slots s WHERE slot_name = %s",
+        "SELECT plugin, slot_type, coalesce((to_jsonb(s) ->> 'failover')::boolean, false),"
+        " active_pid FROM pg_replication_slots s WHERE slot_name = %s",
         (name,),
     ).fetchone()
     if row is None:
@@ -98,7 +98,7 @@ def ensure_slot(
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
         log.info("replication slot created", slot=name, failover=failover)
         return
-    plugin, slot_type, is_failover = row
+    plugin, slot_type, is_failover, holder = row
     if (plugin, slot_type) != ("pgoutput", "logical"):
         raise PipelineError(
             ErrorKind.CONFIGURATION,
@@ -106,6 +106,14 @@ def ensure_slot(
             hint="choose another CDC_SLOT or drop the slot",
         )
     if failover and not is_failover:
+        if holder is not None:
+            # ALTER_REPLICATION_SLOT waits, without a bound, for whoever holds the slot.
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"cannot make slot {name} a failover slot: it is active for PID {holder}",
+                hint="stop the consumer (or the stale walsender) holding it, then run"
+                " `python -m cdc_consumer migrate`",
+            )
         _make_failover_slot(url, name)
     elif is_failover and not failover:
         raise PipelineError(

@@ -62,3 +62,26 @@ def test_existing_slot_is_made_a_failover_slot_but_never_unmade(
     )
     assert "ALTER_REPLICATION_SLOT" in failure["hint"]
     assert _slot_failover(pg_conn, consumer.slot) is True
+
+
+@pytest.mark.e2e
+def test_slot_held_by_a_consumer_is_not_altered_but_refused(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """Making a slot a failover slot while a consumer streams it stops `migrate` at once with
+    the holder's PID, instead of waiting for the slot to be free (ALTER_REPLICATION_SLOT
+    would)."""
+    # GIVEN a consumer streaming a slot made without failover
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.start()
+    # WHEN migrate runs with CDC_SLOT_FAILOVER=true beside it
+    result = consumer.cli("migrate", env={**consumer.env, "CDC_SLOT_FAILOVER": "true"}, timeout=30)
+    # THEN it refuses, naming who holds the slot, and the slot is unchanged
+    assert result.returncode == 2, result.stderr
+    failure = json.loads(result.stderr.strip().splitlines()[-1])
+    assert failure["error"] == (
+        f"cannot make slot {consumer.slot} a failover slot: it is active for PID"
+        f" {consumer.slot_pid()}"
+    )
+    assert _slot_failover(pg_conn, consumer.slot) is False
+    assert consumer.stop() == 0
