@@ -1,5 +1,5 @@
 """CLI: `python -m cdc_consumer run | migrate [--print-clickhouse-ddl] | status [--json] | health |
-backfill --since T`.
+backfill --since T | adopt`.
 
 The entry point is the only place that reads the environment, configures logging and Sentry,
 and wires the parts together.
@@ -20,6 +20,7 @@ from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
 from cdc_consumer.pipeline import Pipeline, StopRequest
 from cdc_consumer.progress import REFRESH_SECONDS
+from cdc_consumer.replication import ReplicationStream
 from cdc_consumer.settings import ConsumerSettings, load_settings
 from cdc_consumer.status import Severity, SlotReport, slot_report
 
@@ -107,6 +108,28 @@ def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
+    """Record the PostgreSQL DATABASE_URL names (its system identifier, database, timeline)
+    and CDC_SLOT as this source's, after a major-version upgrade (docs/runbook-failover.md)."""
+    transport = _migrate_schemas_only(settings)
+    sink = ClickHouseSink(transport, source=settings.source, cluster=settings.clickhouse_cluster)
+    try:
+        stream = ReplicationStream.connect(
+            settings.database_url.get_secret_value(), settings.cdc_slot, settings.cdc_publication
+        )
+        try:
+            identity, history = stream.identify()
+            slot = stream.slot_state()
+        finally:
+            stream.close()
+        adopted = sink.adopt_source(identity, history, slot_lsn=slot.confirmed_flush_lsn)
+    finally:
+        sink.close()
+    log.warning("source adopted", **adopted)
+    print(json.dumps(adopted))
+    return 0
+
+
 def _migrate_schemas_only(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
     transport = _connect(settings)
     provisioning.migrate_schemas(settings, transport)
@@ -126,6 +149,7 @@ COMMANDS = {
     "status": cmd_status,
     "health": cmd_health,
     "backfill": cmd_backfill,
+    "adopt": cmd_adopt,
 }
 
 

@@ -20,6 +20,7 @@ from cdc_consumer.event_log import (
     dead_letter_record,
     unencodable_reason,
 )
+from cdc_consumer.pgoutput import lsn_to_str
 from cdc_consumer.sink import SourceIdentity, StoredPositions
 from cdc_consumer.timeline import WalHistory
 
@@ -199,7 +200,8 @@ class ClickHouseSink:
                 f" {identity.database} slot {identity.slot}",
                 hint="give each slot its own CDC_SOURCE, or point DATABASE_URL and CDC_SLOT"
                 " at the server and slot this source was read from; after a major-version"
-                " upgrade see docs/runbook-failover.md",
+                " upgrade (a new system identifier) run `python -m cdc_consumer adopt`"
+                " (docs/runbook-failover.md)",
             )
         # A row recorded before timelines were (sql/clickhouse/0007) holds 0 for both: its
         # rows are taken to be from the timeline this run finds, which is what the consumer
@@ -219,6 +221,48 @@ class ClickHouseSink:
         self._legacy_timeline = legacy
         if (int(recorded_timeline), int(recorded_legacy)) != (history.timeline, legacy):
             self._record_source(identity, history.timeline, legacy=legacy)
+
+    def adopt_source(
+        self, identity: SourceIdentity, history: WalHistory, *, slot_lsn: int
+    ) -> dict[str, object]:
+        """Record this server and slot as the source's from now on (after pg_upgrade gave it a
+        new system identifier), only if no position the source stored is at or above the
+        slot's (`slot_lsn`). The restart read starts at the slot's confirmed position, which
+        only moves forward, so it can then never meet a position of the old WAL; otherwise
+        one could be mistaken for a new event and skip it."""
+        where = f"source IN ({self._source_literal}, {quote_string(LEGACY_SOURCE)})"
+        rows = self._transport.select(
+            f"SELECT max(lsn) FROM (SELECT max(source_lsn) AS lsn FROM {EVENT_LOG_TABLE}"
+            f" WHERE {where} UNION ALL SELECT max(source_lsn) AS lsn FROM {DEAD_LETTER_TABLE}"
+            f" WHERE {where})",
+            RESTART_READ_SETTINGS,
+        )
+        highest = int(rows[0][0]) if rows and rows[0][0] is not None else 0
+        if highest >= slot_lsn:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"source {self._source} holds positions up to {lsn_to_str(highest)}, at or"
+                f" above slot {identity.slot}'s {lsn_to_str(slot_lsn)} on this server: a"
+                " restart could mistake them for this server's events and skip those",
+                hint="adopt only a server whose WAL continues past the old one (pg_upgrade"
+                " does); otherwise give the consumer a new CDC_SOURCE and backfill"
+                " (docs/runbook-failover.md)",
+            )
+        recorded = self._transport.select(
+            f"SELECT system_identifier FROM {SOURCES_TABLE} FINAL"
+            f" WHERE source = {self._source_literal}"
+        )
+        self._record_source(identity, history.timeline, legacy=history.timeline)
+        return {
+            "source": self._source,
+            "previous_system_identifier": str(recorded[0][0]) if recorded else None,
+            "system_identifier": identity.system_identifier,
+            "database": identity.database,
+            "slot": identity.slot,
+            "timeline": history.timeline,
+            "slot_lsn": lsn_to_str(slot_lsn),
+            "highest_stored_lsn": lsn_to_str(highest),
+        }
 
     def _record_source(self, identity: SourceIdentity, timeline: int, *, legacy: int) -> None:
         # cdc_sources keeps the newest row per source (ReplacingMergeTree on registered_at).
