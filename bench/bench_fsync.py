@@ -66,7 +66,7 @@ def main() -> None:
     transport = ChdbTransport(str(work / "ch"))
     migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
     sink = ClickHouseSink(transport, source="bench")
-    encoder = EventLogEncoder(TEXT_RELATION, source="bench")
+    encoder = EventLogEncoder(TEXT_RELATION, source="bench", timeline=1)
     results: dict[str, dict[str, object]] = {}
     lsn = 0
     for size in (int(s) for s in args.sizes.split(",")):

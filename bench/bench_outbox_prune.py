@@ -57,7 +57,7 @@ def _fill(server: DisposablePostgres, rows: int) -> None:
     with psycopg.connect(server.url, autocommit=True) as conn:
         migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
         provisioning.ensure_publication(conn, "bench_prune_pub")
-        provisioning.ensure_slot(conn, SLOT)
+        provisioning.ensure_slot(conn, SLOT, url=server.url)
     _restart_with_commit_timestamps(server, "off")
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute(ROWS, {"rows": rows // 2})

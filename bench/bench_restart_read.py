@@ -30,8 +30,10 @@ from bench.measure import (
 )
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.sink import SourceIdentity
+from cdc_consumer.timeline import WalHistory
 
 SOURCE = "bench_source"
+FIRST = WalHistory(1)  # rows without a timeline, on a server that never failed over
 UNBOUNDED = (
     "SELECT source_lsn, source_seq FROM (SELECT source_lsn, source_seq FROM event_log"
     " UNION ALL SELECT source_lsn, source_seq FROM event_log_dead_letter)"
@@ -57,8 +59,8 @@ def measure(rows: int, above: int) -> dict[str, object]:
 
         def startup() -> None:
             sink.fence_earlier_runs()
-            sink.check_source(identity)
-            stored = sink.stored_positions(confirmed)
+            sink.check_source(identity, FIRST, slot_lsn=confirmed)
+            stored = sink.stored_positions(confirmed, FIRST)
             assert stored.rows == above, stored.rows
 
         bounded = timed(startup)
@@ -68,7 +70,9 @@ def measure(rows: int, above: int) -> dict[str, object]:
             "rows_above_confirmed": above,
             "fill_seconds": round(fill_seconds, 1),
             **best_and_median("startup", bounded),
-            "startup_granules": granules_selected(transport, sink.restart_read_sql(confirmed)),
+            "startup_granules": granules_selected(
+                transport, sink.restart_read_sql(confirmed, FIRST)
+            ),
             **best_and_median("unbounded_read", unbounded),
             "unbounded_granules": granules_selected(transport, UNBOUNDED),
             **where_and_when(),

@@ -1,5 +1,5 @@
 """CLI: `python -m cdc_consumer run | migrate [--print-clickhouse-ddl] | status [--json] | health |
-backfill --since T | verify --since T [--until U] [--json]`.
+backfill --since T | verify --since T [--until U] [--json] | adopt`.
 
 The entry point is the only place that reads the environment, configures logging and Sentry,
 and wires the parts together. A configuration error (a bad variable or argument) exits 2, as
@@ -22,6 +22,7 @@ from cdc_consumer.errors import PipelineError
 from cdc_consumer.observability import configure_logging, configure_sentry
 from cdc_consumer.pipeline import Pipeline, StopRequest
 from cdc_consumer.progress import REFRESH_SECONDS
+from cdc_consumer.replication import ReplicationStream
 from cdc_consumer.settings import ConsumerSettings, load_settings
 from cdc_consumer.status import Severity, SlotReport, slot_report
 
@@ -126,6 +127,28 @@ def cmd_verify(settings: ConsumerSettings, args: argparse.Namespace) -> int:
     return 0 if report.whole else 1
 
 
+def cmd_adopt(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
+    """Record the PostgreSQL DATABASE_URL names (its system identifier, database, timeline)
+    and CDC_SLOT as this source's, after a major-version upgrade (docs/runbook-failover.md)."""
+    transport = _migrate_schemas_only(settings)
+    sink = ClickHouseSink(transport, source=settings.source, cluster=settings.clickhouse_cluster)
+    try:
+        stream = ReplicationStream.connect(
+            settings.database_url.get_secret_value(), settings.cdc_slot, settings.cdc_publication
+        )
+        try:
+            identity, history = stream.identify()
+            slot = stream.slot_state()
+        finally:
+            stream.close()
+        adopted = sink.adopt_source(identity, history, slot_lsn=slot.confirmed_flush_lsn)
+    finally:
+        sink.close()
+    log.warning("source adopted", **adopted)
+    print(json.dumps(adopted))
+    return 0
+
+
 def _migrate_schemas_only(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
     transport = _connect(settings)
     provisioning.migrate_schemas(settings, transport)
@@ -146,6 +169,7 @@ COMMANDS = {
     "health": cmd_health,
     "backfill": cmd_backfill,
     "verify": cmd_verify,
+    "adopt": cmd_adopt,
 }
 # Commands that need --since (and the only ones that take it, or --until).
 _WINDOWED = {"backfill", "verify"}

@@ -44,8 +44,10 @@ from cdc_consumer.delivery import SinkWorker
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import EventLogEncoder
 from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_TABLE
+from cdc_consumer.replication import identify
 from cdc_consumer.settings import ConsumerSettings
-from cdc_consumer.sink import ORIGIN
+from cdc_consumer.sink import ORIGIN, SourceIdentity
+from cdc_consumer.timeline import WalHistory
 
 log = structlog.get_logger(__name__)
 
@@ -101,19 +103,29 @@ def backfill(
     url = settings.database_url.get_secret_value()
     slot = settings.cdc_slot
     with postgres.connect(url, autocommit=True) as conn:
+        provisioning.check_failover_supported(
+            conn.info.server_version, failover=settings.cdc_slot_failover
+        )
         _drop_lost_slot(conn, slot)
         provisioning.ensure_publication(
             conn, settings.cdc_publication, ignored=settings.ignored_tables
         )
+    options = (
+        "SNAPSHOT 'export', FAILOVER true" if settings.cdc_slot_failover else "SNAPSHOT 'export'"
+    )
     with postgres.connect(url, autocommit=True, replication="database") as replication:
+        # Before the slot: the snapshot it exports lives until this connection's next command.
+        identity, history = identify(replication, slot)
         created = replication.execute(
-            f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"
+            f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput ({options})"
         ).fetchone()
         assert created is not None  # the command always answers one row
         log.info("replication slot recreated for backfill", slot=slot, lsn=created[1])
         # The exported snapshot lives until the replication connection runs another command
         # or closes, so everything is read inside this block.
-        result = _ship(url, str(created[2]), since, transport, settings)
+        result = _ship(
+            url, str(created[2]), since, transport, settings, identity=identity, history=history
+        )
     log.info("backfill done", **result.as_dict())
     return result
 
@@ -142,10 +154,16 @@ def _ship(
     since: datetime,
     transport: ClickHouseTransport,
     settings: ConsumerSettings,
+    *,
+    identity: SourceIdentity,
+    history: WalHistory,
 ) -> BackfillResult:
     source = settings.source
-    encoder = EventLogEncoder(TEXT_RELATION, source=source)
+    encoder = EventLogEncoder(TEXT_RELATION, source=source, timeline=history.timeline)
     sink = ClickHouseSink(transport, source=source, cluster=settings.clickhouse_cluster)
+    # The source must be this server's; on a new timeline (after a failover) this repairs the
+    # gap a fresh slot leaves, so the timeline is recorded whatever the slot's position.
+    sink.check_source(identity, history, slot_lsn=None)
     # A consumer run that lost the slot may still have an insert executing: let it end before
     # the presence check reads what is there, or its rows would be shipped a second time.
     sink.fence_earlier_runs()

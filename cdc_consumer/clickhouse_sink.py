@@ -22,7 +22,9 @@ from cdc_consumer.event_log import (
     dead_letter_record,
     unencodable_reason,
 )
+from cdc_consumer.pgoutput import lsn_to_str
 from cdc_consumer.sink import SourceIdentity, StoredPositions
+from cdc_consumer.timeline import WalHistory
 
 SOURCES_TABLE = "cdc_sources"
 RUNS_TABLE = "cdc_runs"
@@ -163,6 +165,7 @@ class ClickHouseSink:
         self._inserts = count(1)
         self._guard: str | None = None  # set once this run has claimed its epoch
         self._insert_settings: dict[str, str] | None = None
+        self._legacy_timeline = 0  # set by check_source: rows without a timeline were read on it
 
     def _new_run_prefix(self) -> str:
         return f"{self._source_prefix}{uuid.uuid4().hex}-"
@@ -236,22 +239,23 @@ class ClickHouseSink:
             f" AND NOT startsWith(query_id, '{self._run_prefix}') SYNC"
         )
 
-    def check_source(self, identity: SourceIdentity) -> None:
-        """Record which PostgreSQL this source reads, or refuse if its rows came from another:
-        positions of two WAL histories are not comparable, and a replay would skip the wrong
-        events."""
+    def check_source(
+        self, identity: SourceIdentity, history: WalHistory, *, slot_lsn: int | None
+    ) -> None:
+        """Record which PostgreSQL this source reads and on which timeline, or refuse:
+        positions of another server's WAL are not comparable, and after a timeline change the
+        slot resumes the source only from a position its history vouches for
+        (`WalHistory.resume_refusal`). `slot_lsn` None (the backfill, which re-ships the gap
+        itself) accepts any timeline."""
         rows = self._transport.select(
-            f"SELECT system_identifier, database, slot FROM {SOURCES_TABLE} FINAL"
-            f" WHERE source = {self._source_literal}"
+            "SELECT system_identifier, database, slot, timeline, legacy_timeline"
+            f" FROM {SOURCES_TABLE} FINAL WHERE source = {self._source_literal}"
         )
         if not rows:
-            self._transport.command(
-                f"INSERT INTO {SOURCES_TABLE} (source, system_identifier, database, slot)"
-                f" VALUES ({self._source_literal}, {quote_string(identity.system_identifier)},"
-                f" {quote_string(identity.database)}, {quote_string(identity.slot)})"
-            )
+            self._record_source(identity, history.timeline, legacy=history.timeline)
             return
-        recorded = SourceIdentity(str(rows[0][0]), str(rows[0][1]), str(rows[0][2]))
+        system_identifier, database, slot, recorded_timeline, recorded_legacy = rows[0]
+        recorded = SourceIdentity(str(system_identifier), str(database), str(slot))
         if recorded != identity:
             raise PipelineError(
                 ErrorKind.CONFIGURATION,
@@ -260,34 +264,127 @@ class ClickHouseSink:
                 f" {recorded.slot}, but this is system {identity.system_identifier} database"
                 f" {identity.database} slot {identity.slot}",
                 hint="give each slot its own CDC_SOURCE, or point DATABASE_URL and CDC_SLOT"
-                " at the server and slot this source was read from",
+                " at the server and slot this source was read from; after a major-version"
+                " upgrade (a new system identifier) run `python -m cdc_consumer adopt`"
+                " (docs/runbook-failover.md)",
             )
+        # A row recorded before timelines were (sql/clickhouse/0006) holds 0 for both: its
+        # rows are taken to be from the timeline this run finds, which is what the consumer
+        # assumed before.
+        last = int(recorded_timeline) or history.timeline
+        legacy = int(recorded_legacy) or history.timeline
+        refusal = None if slot_lsn is None else history.resume_refusal(last, slot_lsn)
+        if refusal is not None:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"source {self._source} {refusal}",
+                hint="with the consumer stopped, drop the slot and run `python -m cdc_consumer"
+                " backfill --since <a little before last_shipped_commit_time in `status`>`,"
+                " which recreates it, re-ships what ClickHouse lacks and records the new"
+                " timeline (docs/runbook-failover.md)",
+            )
+        self._legacy_timeline = legacy
+        if (int(recorded_timeline), int(recorded_legacy)) != (history.timeline, legacy):
+            self._record_source(identity, history.timeline, legacy=legacy)
 
-    def stored_positions(self, since_lsn: int) -> StoredPositions:
+    def adopt_source(
+        self, identity: SourceIdentity, history: WalHistory, *, slot_lsn: int
+    ) -> dict[str, object]:
+        """Record this server and slot as the source's from now on (after pg_upgrade gave it a
+        new system identifier), only if no position the source stored is at or above the
+        slot's (`slot_lsn`). The restart read starts at the slot's confirmed position, which
+        only moves forward, so it can then never meet a position of the old WAL; otherwise
+        one could be mistaken for a new event and skip it."""
+        where = f"source IN ({self._source_literal}, {quote_string(LEGACY_SOURCE)})"
+        rows = self._transport.select(
+            f"SELECT max(lsn) FROM (SELECT max(source_lsn) AS lsn FROM {EVENT_LOG_TABLE}"
+            f" WHERE {where} UNION ALL SELECT max(source_lsn) AS lsn FROM {DEAD_LETTER_TABLE}"
+            f" WHERE {where})",
+            RESTART_READ_SETTINGS,
+        )
+        highest = int(rows[0][0]) if rows and rows[0][0] is not None else 0
+        if highest >= slot_lsn:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"source {self._source} holds positions up to {lsn_to_str(highest)}, at or"
+                f" above slot {identity.slot}'s {lsn_to_str(slot_lsn)} on this server: a"
+                " restart could mistake them for this server's events and skip those",
+                hint="adopt only a server whose WAL continues past the old one (pg_upgrade"
+                " does); otherwise give the consumer a new CDC_SOURCE and backfill"
+                " (docs/runbook-failover.md)",
+            )
+        recorded = self._transport.select(
+            f"SELECT system_identifier FROM {SOURCES_TABLE} FINAL"
+            f" WHERE source = {self._source_literal}"
+        )
+        self._record_source(identity, history.timeline, legacy=history.timeline)
+        return {
+            "source": self._source,
+            "previous_system_identifier": str(recorded[0][0]) if recorded else None,
+            "system_identifier": identity.system_identifier,
+            "database": identity.database,
+            "slot": identity.slot,
+            "timeline": history.timeline,
+            "slot_lsn": lsn_to_str(slot_lsn),
+            "highest_stored_lsn": lsn_to_str(highest),
+        }
+
+    def _record_source(self, identity: SourceIdentity, timeline: int, *, legacy: int) -> None:
+        # cdc_sources keeps the newest row per source (ReplacingMergeTree on registered_at).
+        self._legacy_timeline = legacy
+        self._transport.command(
+            f"INSERT INTO {SOURCES_TABLE}"
+            " (source, system_identifier, database, slot, timeline, legacy_timeline)"
+            f" VALUES ({self._source_literal}, {quote_string(identity.system_identifier)},"
+            f" {quote_string(identity.database)}, {quote_string(identity.slot)},"
+            f" {int(timeline)}, {int(legacy)})"
+        )
+
+    def stored_positions(self, since_lsn: int, history: WalHistory) -> StoredPositions:
         """What either table holds for this source at or above `since_lsn`, as runs of
-        consecutive source_seq per transaction."""
-        rows = self._transport.select(self.restart_read_sql(since_lsn), RESTART_READ_SETTINGS)
+        consecutive source_seq per transaction; positions `history` does not vouch for are
+        only counted."""
+        rows = self._transport.select(
+            self.restart_read_sql(since_lsn, history), RESTART_READ_SETTINGS
+        )
         ranges: dict[int, list[tuple[int, int]]] = {}
-        for lsn, first, last in rows:
-            ranges.setdefault(int(lsn), []).append((int(first), int(last)))
-        return StoredPositions(since_lsn, ranges)
+        untrusted = 0
+        for lsn, trusted, first, last in rows:
+            if int(trusted):
+                ranges.setdefault(int(lsn), []).append((int(first), int(last)))
+            else:
+                untrusted += int(last) - int(first) + 1
+        return StoredPositions(since_lsn, ranges, untrusted=untrusted)
 
-    def restart_read_sql(self, since_lsn: int) -> str:
+    def restart_read_sql(self, since_lsn: int, history: WalHistory) -> str:
         """The restart read. The skip index on source_lsn (sql/clickhouse/0004) keeps it
         proportional to the rows at or above `since_lsn`, not to the size of event_log."""
         where = (
             f"source IN ({self._source_literal}, {quote_string(LEGACY_SOURCE)})"
             f" AND source_lsn >= {int(since_lsn)}"
         )
+        trusted = self._trusted_sql(history)
         return (
-            "SELECT source_lsn, min(source_seq), max(source_seq) FROM ("
-            " SELECT source_lsn, source_seq, toInt64(source_seq) - row_number()"
-            " OVER (PARTITION BY source_lsn ORDER BY source_seq) AS run"
-            " FROM (SELECT DISTINCT source_lsn, source_seq FROM ("
-            f" SELECT source_lsn, source_seq FROM {EVENT_LOG_TABLE} WHERE {where}"
-            f" UNION ALL SELECT source_lsn, source_seq FROM {DEAD_LETTER_TABLE} WHERE {where})))"
-            " GROUP BY source_lsn, run ORDER BY source_lsn, min(source_seq)"
+            "SELECT source_lsn, trusted, min(source_seq), max(source_seq) FROM ("
+            " SELECT source_lsn, trusted, source_seq, toInt64(source_seq) - row_number()"
+            " OVER (PARTITION BY source_lsn, trusted ORDER BY source_seq) AS run"
+            " FROM (SELECT DISTINCT source_lsn, source_seq, trusted FROM ("
+            f" SELECT source_lsn, source_seq, {trusted} AS trusted FROM {EVENT_LOG_TABLE}"
+            f" WHERE {where} UNION ALL SELECT source_lsn, source_seq, {trusted} AS trusted"
+            f" FROM {DEAD_LETTER_TABLE} WHERE {where})))"
+            " GROUP BY source_lsn, trusted, run ORDER BY source_lsn, min(source_seq)"
         )
+
+    def _trusted_sql(self, history: WalHistory) -> str:
+        """`WalHistory.trusts` over a row's timeline and LSN, as a ClickHouse expression; rows
+        without a timeline count as read on the legacy one."""
+        legacy = self._legacy_timeline or history.timeline
+        timeline = f"if(source_timeline = 0, {int(legacy)}, source_timeline)"
+        terms = [f"{timeline} = {int(history.timeline)}"] + [
+            f"({timeline} = {int(ancestor)} AND source_lsn < {int(switchpoint)})"
+            for ancestor, switchpoint in sorted(history.left_at.items())
+        ]
+        return f"toUInt8({' OR '.join(terms)})"
 
     def close(self) -> None:
         self._transport.close()

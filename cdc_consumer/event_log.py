@@ -30,12 +30,21 @@ EVENT_LOG_COLUMNS = (
     "metadata_version",
     "trace_id",
     "source",
+    "source_timeline",
     "source_lsn",
     "source_seq",
 )
-DEAD_LETTER_COLUMNS = ("source", "source_lsn", "source_seq", "event_id", "row", "error")
+DEAD_LETTER_COLUMNS = (
+    "source",
+    "source_timeline",
+    "source_lsn",
+    "source_seq",
+    "event_id",
+    "row",
+    "error",
+)
 _MEMO_LIMIT = 10_000  # distinct event types and environments remembered per relation
-_ROW_POSITION = re.compile(rb'"source_lsn":(\d+),"source_seq":(\d+)}$')
+_ROW_POSITION = re.compile(rb'"source_timeline":(\d+),"source_lsn":(\d+),"source_seq":(\d+)}$')
 _ROW_EVENT_ID = re.compile(rb'^\{"event_id":(null|"[^"]*")')
 # A row the encoder cannot make JSON of (text that is not UTF-8, as a SQL_ASCII database stores
 # it) travels in its batch as a line starting with NUL, which PostgreSQL text and JSON never
@@ -52,10 +61,11 @@ class EventLogEncoder:
     outbox later does not shift anything. The jsonb context is spliced in as PostgreSQL sent it
     (it is valid JSON by construction) and also kept verbatim in `event_context_raw`. Every row
     names its source, so several sources can share one event_log without mistaking each
-    other's positions for their own.
+    other's positions for their own, and the timeline it was read on, so a restart after a
+    failover skips only positions of its own WAL history (`timeline.py`).
     """
 
-    def __init__(self, relation: Relation, *, source: str) -> None:
+    def __init__(self, relation: Relation, *, source: str, timeline: int) -> None:
         names = [column.name for column in relation.columns]
         missing = [name for name in OUTBOX_COLUMNS if name not in names]
         if missing:
@@ -66,7 +76,13 @@ class EventLogEncoder:
             )
         self._index = tuple(names.index(name) for name in OUTBOX_COLUMNS)
         self._source = source
-        self._tail = b',"source":' + orjson.dumps(source) + b',"source_lsn":%d,"source_seq":%d}'
+        self._timeline = timeline
+        self._tail = (
+            b',"source":'
+            + orjson.dumps(source)
+            + b',"source_timeline":%d' % timeline
+            + b',"source_lsn":%d,"source_seq":%d}'
+        )
         self._strings: dict[bytes, bytes] = {}
 
     def _json_string(self, text: bytes) -> bytes:
@@ -133,6 +149,7 @@ class EventLogEncoder:
                 value.decode(errors="backslashreplace") if isinstance(value, bytes) else None
             )
         row["source"] = self._source
+        row["source_timeline"] = self._timeline
         row["source_lsn"], row["source_seq"] = position
         return orjson.dumps(row)
 
@@ -169,8 +186,9 @@ def dead_letter_record(row: bytes, error: str, source: str, *, minimal: bool = F
     return orjson.dumps(
         {
             "source": source,
-            "source_lsn": int(position.group(1)) if position else 0,
-            "source_seq": int(position.group(2)) if position else 0,
+            "source_timeline": int(position.group(1)) if position else 0,
+            "source_lsn": int(position.group(2)) if position else 0,
+            "source_seq": int(position.group(3)) if position else 0,
             "event_id": orjson.loads(event_id.group(1)) or "" if event_id else "",
             "row": "" if minimal else row.decode(errors="replace"),
             "error": error,

@@ -37,6 +37,7 @@ from cdc_consumer.sink import (
     StoredPositions,
     covers,
 )
+from cdc_consumer.timeline import WalHistory
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -103,6 +104,7 @@ class _Session:
 
     stream: ReplicationStream
     stored: StoredPositions
+    timeline: int  # the server's, recorded with every row it ships
     tx: _Transaction = field(default_factory=_Transaction)
     encoders: dict[int, EventLogEncoder | None] = field(default_factory=dict)
     others: dict[int, pgoutput.Relation] = field(default_factory=dict)  # not the outbox
@@ -215,21 +217,34 @@ class Pipeline:
             self._settings.cdc_publication,
         )
         try:
-            identity = stream.identify()  # the stream takes no SQL once it is started
+            # The stream takes no SQL once it is started.
+            identity, history = stream.identify()
             # START_REPLICATION makes the slot ours, so no other run of this consumer is alive;
             # only then are its leftover inserts fenced off and what is stored read.
             slot = stream.start()
             self._confirmed_lsn = slot.confirmed_flush_lsn
             stored = self._while_answering(
-                stream, lambda: self._restart_read(identity, slot.confirmed_flush_lsn)
+                stream, lambda: self._restart_read(identity, history, slot.confirmed_flush_lsn)
             )
             if stored is None:
                 return  # stopped before streaming: nothing received on this connection
-            session = _Session(stream, stored)
+            session = _Session(stream, stored, history.timeline)
+            if stored.untrusted:
+                log.warning(
+                    "stored positions of another wal history are not skipped",
+                    source=self._settings.source,
+                    timeline=history.timeline,
+                    untrusted_rows=stored.untrusted,
+                    hint="event_log holds events read from a primary this server's history"
+                    " left before they were replicated (an asynchronous failover): they stay,"
+                    " and the events this server has at those positions are shipped;"
+                    " docs/runbook-failover.md",
+                )
             log.info(
                 "streaming",
                 slot=self._settings.cdc_slot,
                 source=self._settings.source,
+                timeline=history.timeline,
                 confirmed_lsn=pgoutput.lsn_to_str(slot.confirmed_flush_lsn),
                 stored_transactions=stored.transactions,
                 stored_rows=stored.rows,
@@ -238,12 +253,15 @@ class Pipeline:
         finally:
             stream.close()
 
-    def _restart_read(self, identity: SourceIdentity, confirmed_lsn: int) -> StoredPositions:
-        # The source check first: a consumer pointed at the wrong server must not fence the
-        # right one's run before it is refused.
-        self._sink.check_source(identity)
+    def _restart_read(
+        self, identity: SourceIdentity, history: WalHistory, confirmed_lsn: int
+    ) -> StoredPositions:
+        # The source check first: a consumer pointed at the wrong server, or resuming from a
+        # slot that lost events in a failover, must not fence the right run before it is
+        # refused.
+        self._sink.check_source(identity, history, slot_lsn=confirmed_lsn)
         self._sink.fence_earlier_runs()
-        return self._sink.stored_positions(confirmed_lsn)
+        return self._sink.stored_positions(confirmed_lsn, history)
 
     def _while_answering(self, stream: ReplicationStream, work: Callable[[], _T]) -> _T | None:
         """Run `work` on a helper thread while this one keeps the walsender answered: the fence
@@ -333,7 +351,9 @@ class Pipeline:
             name = (message.namespace, message.name)
             ours = name == (OUTBOX_SCHEMA, OUTBOX_TABLE)
             s.encoders[message.relation_id] = (
-                EventLogEncoder(message, source=self._settings.source) if ours else None
+                EventLogEncoder(message, source=self._settings.source, timeline=s.timeline)
+                if ours
+                else None
             )
             if ours or name in self._settings.ignored_tables:
                 s.others.pop(message.relation_id, None)

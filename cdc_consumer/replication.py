@@ -36,6 +36,7 @@ from cdc_consumer import postgres
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.pgoutput import lsn_to_str, str_to_lsn
 from cdc_consumer.sink import SourceIdentity
+from cdc_consumer.timeline import WalHistory, parse_history
 
 log = structlog.get_logger(__name__)
 
@@ -124,12 +125,9 @@ class ReplicationStream:
             )
         return SlotState(str_to_lsn(str(row[0])), row[1])
 
-    def identify(self) -> SourceIdentity:
-        """Which PostgreSQL this is: IDENTIFY_SYSTEM's system identifier and database."""
-        with _source_errors("identify the system"):
-            row = self._conn.execute("IDENTIFY_SYSTEM").fetchone()
-        assert row is not None  # the command always answers one row
-        return SourceIdentity(system_identifier=str(row[0]), database=str(row[3]), slot=self._slot)
+    def identify(self) -> tuple[SourceIdentity, WalHistory]:
+        """Which PostgreSQL this is, and its WAL history (see `identify`)."""
+        return identify(self._conn, self._slot)
 
     def start(self) -> SlotState:
         """START_REPLICATION from the slot's confirmed position; names who holds it if busy."""
@@ -197,6 +195,34 @@ class ReplicationStream:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def identify(conn: psycopg.Connection[Any], slot: str) -> tuple[SourceIdentity, WalHistory]:
+    """Which PostgreSQL a replication connection reaches (IDENTIFY_SYSTEM's system identifier
+    and database) and its WAL history: the timeline, and where it left each ancestor
+    (TIMELINE_HISTORY). Refuses a standby."""
+    with _source_errors("identify the system"):
+        row = conn.execute("IDENTIFY_SYSTEM").fetchone()
+        assert row is not None  # the command always answers one row
+        standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    if standby is not None and standby[0]:
+        # A standby's timeline changes under a walsender that stays connected through its
+        # promotion, so rows would be recorded on a timeline they were not read on; and the
+        # consumer writes cdc_progress, which a standby cannot.
+        raise PipelineError(
+            ErrorKind.CONFIGURATION,
+            "DATABASE_URL names a standby (the server is in recovery)",
+            hint="point DATABASE_URL at the primary",
+        )
+    identity = SourceIdentity(system_identifier=str(row[0]), database=str(row[3]), slot=slot)
+    timeline = int(row[1])
+    if timeline == 1:  # the first timeline has no history file
+        return identity, WalHistory(timeline)
+    with _source_errors("read the timeline history"):
+        history = conn.execute(f"TIMELINE_HISTORY {timeline}").fetchone()
+    assert history is not None
+    content = history[1].decode() if isinstance(history[1], bytes) else str(history[1])
+    return identity, parse_history(timeline, content)
 
 
 def _source_error(doing: str, exc: psycopg.Error) -> PipelineError:

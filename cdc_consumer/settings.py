@@ -76,6 +76,23 @@ def _clickhouse_cluster(value: str | None) -> str | None:
     return value or None  # empty, as .env files spell "unset": one server
 
 
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+def _boolean(value: object) -> object:
+    # Parsed here for one plain line on a bad value; empty, as .env files spell "unset", is
+    # false (the default).
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("must be true or false")
+
+
 def _insert_quorum(value: object) -> object:
     # Parsed here, not by pydantic's int | 'auto' union, so a bad value gets one line, not one
     # per member; empty is unset (off), as for CLICKHOUSE_CLUSTER.
@@ -133,6 +150,10 @@ class ConsumerSettings(SlotCheckSettings):
     log_format: Literal["json", "console"] = "json"
 
     cdc_publication: Identifier = "event_outbox_pub"
+    # PostgreSQL 17+: create the slot as a failover slot, which a standby with
+    # sync_replication_slots keeps in step, so a promoted standby still has it
+    # (docs/runbook-failover.md). `migrate` refuses it on an older server.
+    cdc_slot_failover: Annotated[bool, BeforeValidator(_boolean)] = False
     # The name this consumer's rows carry in event_log; it scopes the restart read, the fence
     # and the backfill. Defaults to the slot's name. Two PostgreSQL servers writing one
     # event_log need distinct names (a clash is refused at startup, never merged).

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from cdc_consumer.timeline import WalHistory
+
 
 class SourcePosition(NamedTuple):
     """Where an event sits in the source WAL: its transaction's commit LSN, then its order."""
@@ -36,11 +38,18 @@ class StoredPositions:
     position, so these are the only stored positions a replay can meet. Skipping exactly them,
     rather than everything below a maximum, stays right whatever subset of earlier inserts
     landed: an insert that became several parts (one per partition) may have landed in part.
+
+    Positions stored from another WAL history (a timeline the current one does not vouch for
+    at that LSN, see `timeline.py`) are not among them: they are counted in `untrusted`, never
+    skipped.
     """
 
-    def __init__(self, since_lsn: int, ranges: Mapping[int, SeqRanges]) -> None:
+    def __init__(
+        self, since_lsn: int, ranges: Mapping[int, SeqRanges], *, untrusted: int = 0
+    ) -> None:
         self.since_lsn = since_lsn
         self._ranges = dict(ranges)
+        self.untrusted = untrusted
 
     def in_transaction(self, commit_lsn: int) -> SeqRanges | None:
         """The stored seq runs of the transaction that commits at `commit_lsn`, if any."""
@@ -72,11 +81,13 @@ class EventSink(Protocol):
     alone, and hands each such row to `write_dead_letters`, in source order; if that is refused
     too, again with `minimal=True` (position, event id and error, no row text).
 
-    On every (re)start, once the slot is ours: `fence_earlier_runs` returns once no write of an
-    earlier run of this source (a killed process) can still land; `check_source` refuses a
-    source whose stored rows came from another PostgreSQL; `stored_positions` returns what the
-    sink holds, in either table, at or above the slot's confirmed position, which the pipeline
-    skips on the way back in (exactly-once).
+    On every (re)start, once the slot is ours: `check_source` refuses a source whose stored
+    rows came from another PostgreSQL, or whose slot (at `slot_lsn`) cannot resume it after a
+    timeline change (`WalHistory.resume_refusal`; None: the caller, the backfill, repairs the
+    gap itself), and records the timeline; `fence_earlier_runs` returns once no write of an
+    earlier run of this source (a killed process) can still land; `stored_positions` returns
+    what the sink holds, in either table, at or above the slot's confirmed position and in
+    `history`, which the pipeline skips on the way back in (exactly-once).
     """
 
     def write(self, rows: list[bytes]) -> None: ...
@@ -87,8 +98,10 @@ class EventSink(Protocol):
 
     def fence_earlier_runs(self) -> None: ...
 
-    def check_source(self, identity: SourceIdentity) -> None: ...
+    def check_source(
+        self, identity: SourceIdentity, history: WalHistory, *, slot_lsn: int | None
+    ) -> None: ...
 
-    def stored_positions(self, since_lsn: int) -> StoredPositions: ...
+    def stored_positions(self, since_lsn: int, history: WalHistory) -> StoredPositions: ...
 
     def close(self) -> None: ...

@@ -102,7 +102,9 @@ def _outbox_values(event_id: bytes, event_type: bytes) -> list[bytes | None]:
 def test_a_row_whose_text_is_not_utf8_is_never_sent_and_dead_letters_escaped() -> None:
     """Text that is not UTF-8: its batch is refused unsent; its record keeps the bytes escaped."""
     columns = tuple(Column(0, name, 25, -1) for name in OUTBOX_COLUMNS)
-    encoder = EventLogEncoder(Relation(1, "public", "event_outbox", "d", columns), source="s")
+    encoder = EventLogEncoder(
+        Relation(1, "public", "event_outbox", "d", columns), source="s", timeline=1
+    )
     good = encoder.encode(_outbox_values(b"id-1", b"noted"), SourcePosition(7, 0))
     bad = encoder.encode(_outbox_values(b"id-2", b"not\xffed"), SourcePosition(7, 1))
     transport = _RecordingTransport()

@@ -13,6 +13,7 @@ from cdc_consumer import migrations, pgoutput
 from cdc_consumer.clickhouse import connect
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
+from cdc_consumer.timeline import WalHistory
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select, granules_read
 from tests.support.fix_consumer import (
     current_wal_lsn,
@@ -24,6 +25,8 @@ from tests.support.fix_consumer import (
 )
 
 pytestmark = pytest.mark.e2e
+
+FIRST = WalHistory(1)  # the session's server has never failed over
 
 
 def _next_transaction(pg_conn: psycopg.Connection[Any], consumer) -> tuple[int, list[str]]:
@@ -119,12 +122,12 @@ def test_restart_read_selects_granules_above_the_confirmed_position_only(
     try:
         # WHEN the restart read runs from the confirmed position
         explained = clickhouse_select(
-            clickhouse_server.url, f"EXPLAIN indexes = 1 {sink.restart_read_sql(confirmed)}"
+            clickhouse_server.url, f"EXPLAIN indexes = 1 {sink.restart_read_sql(confirmed, FIRST)}"
         )
         everything = clickhouse_select(
-            clickhouse_server.url, f"EXPLAIN indexes = 1 {sink.restart_read_sql(0)}"
+            clickhouse_server.url, f"EXPLAIN indexes = 1 {sink.restart_read_sql(0, FIRST)}"
         )
-        stored = sink.stored_positions(confirmed)
+        stored = sink.stored_positions(confirmed, FIRST)
     finally:
         sink.close()
         clickhouse_command(clickhouse_server.url, "ALTER TABLE event_log DROP PARTITION 200101")
@@ -234,6 +237,6 @@ def test_restart_read_fails_rather_than_truncates_under_a_profile_limit(clickhou
     try:
         # WHEN the restart read runs, THEN it fails loudly instead of under-counting
         with pytest.raises(PipelineError, match="Limit for"):
-            sink.stored_positions(1)
+            sink.stored_positions(1, FIRST)
     finally:
         sink.close()

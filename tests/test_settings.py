@@ -20,6 +20,7 @@ def env(monkeypatch):
         "CLICKHOUSE_INSERT_QUORUM",
         "CLICKHOUSE_FSYNC_AFTER_INSERT",
         "CDC_IGNORED_TABLES",
+        "CDC_SLOT_FAILOVER",
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in _REQUIRED.items():
@@ -148,3 +149,22 @@ def test_fsync_after_insert_that_is_not_a_boolean_is_refused(env):
     refusal = _refusal(env, CLICKHOUSE_FSYNC_AFTER_INSERT="sometimes")
     assert "\n" not in refusal
     assert refusal.startswith("configuration error: CLICKHOUSE_FSYNC_AFTER_INSERT ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, False), ("", False), ("false", False), ("0", False), ("true", True), ("on", True)],
+)
+def test_slot_failover_is_a_boolean_off_by_default(env, value, expected):
+    """CDC_SLOT_FAILOVER is off unless set; empty (as .env files write unset) is off."""
+    if value is not None:
+        env.setenv("CDC_SLOT_FAILOVER", value)
+    assert load_settings().cdc_slot_failover is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled"])
+def test_slot_failover_that_is_not_a_boolean_is_refused(env, value):
+    """A value that is not a boolean stops the process with one line naming the variable."""
+    assert _refusal(env, CDC_SLOT_FAILOVER=value) == (
+        "configuration error: CDC_SLOT_FAILOVER must be true or false"
+    )

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from cdc_consumer.status import Severity, SlotReport, SlotThresholds, classify
-from tests.support.fix_consumer import Consumer, current_wal_lsn, publish_probes, wait_for
+from tests.support.fix_consumer import (
+    Consumer,
+    current_wal_lsn,
+    publish_probes,
+    server_setting,
+    wait_for,
+)
 
 THRESHOLDS = SlotThresholds(
     lag_warning_bytes=1000, lag_critical_bytes=5000, stall_warning_seconds=60,
@@ -35,11 +41,43 @@ HEALTHY = SlotReport(
         ({"lag_bytes": 10, "seconds_since_confirm": 61.0}, Severity.WARNING, "no confirm"),
         ({"lag_bytes": 10, "seconds_since_confirm": 601.0}, Severity.CRITICAL, "no confirm"),
         ({"lag_bytes": 0, "seconds_since_confirm": 9999.0}, Severity.OK, None),
+        ({"idle_replication_slot_timeout_seconds": 60}, Severity.OK, None),
+        (
+            {
+                "active": False,
+                "seconds_inactive": 10.0,
+                "idle_replication_slot_timeout_seconds": 60,
+            },
+            Severity.WARNING,
+            "within 50 s",
+        ),
+        (
+            {
+                "active": False,
+                "seconds_inactive": 61.0,
+                "idle_replication_slot_timeout_seconds": 60,
+            },
+            Severity.CRITICAL,
+            "past idle_replication_slot_timeout (60 s)",
+        ),
+        ({"failover": False, "synchronized_standby_slots": ""}, Severity.OK, None),
+        ({"failover": True, "synchronized_standby_slots": ""}, Severity.WARNING, "is empty"),
+        ({"failover": True, "synchronized_standby_slots": "sb1"}, Severity.OK, None),
+        (
+            {
+                "failover": True,
+                "synchronized_standby_slots": "sb1",
+                "missing_standby_slots": ("sb1",),
+            },
+            Severity.WARNING,
+            "names sb1",
+        ),
     ],
 )
 def test_classify_maps_slot_state_to_severity(changes, severity, needle):
     """Missing, lost or unreserved is critical; lag and stalls escalate through thresholds;
-    time without a confirm counts only while there is lag."""
+    time without a confirm counts only while there is lag; an inactive slot nears, then passes,
+    idle_replication_slot_timeout; a failover slot that no standby holds back is a warning."""
     import dataclasses
 
     report = classify(dataclasses.replace(HEALTHY, **changes), THRESHOLDS)
@@ -182,3 +220,35 @@ def test_progress_failure_does_not_stop_delivery(make_consumer, clickhouse_serve
         what="progress recorded after the table came back",
     )
     assert consumer.stop() == 0
+
+
+@pytest.mark.e2e
+def test_status_reports_the_slot_lifetime(make_consumer, clickhouse_server, pg_conn):
+    """`status` reports failover, synced and inactive_since; it warns that a failover slot
+    runs ahead of every standby while synchronized_standby_slots is empty, and that
+    idle_replication_slot_timeout will invalidate the idle slot."""
+    # GIVEN a failover slot nobody streams, on a server with no synchronized_standby_slots
+    consumer = make_consumer(clickhouse_server.url, CDC_SLOT_FAILOVER="true")
+    consumer.migrate()
+    code, report = _status(consumer)
+    # THEN the report says what the slot is and since when it is idle
+    assert code == 0
+    assert (report["failover"], report["synced"]) == (True, False)
+    assert report["inactive_since"] is not None
+    assert report["idle_replication_slot_timeout_seconds"] == 0
+    assert report["synchronized_standby_slots"] == ""
+    assert any("synchronized_standby_slots is empty" in p for p in report["problems"])
+    assert not any("idle_replication_slot_timeout" in p for p in report["problems"])
+    # WHEN the server invalidates slots idle for an hour
+    with server_setting(pg_conn, "idle_replication_slot_timeout", "1h"):
+        # (the reload reaches new sessions a moment later)
+        code, report = wait_for(
+            lambda: (
+                (seen := _status(consumer))[1]["idle_replication_slot_timeout_seconds"] and seen
+            ),
+            what="the idle timeout in force",
+        )
+    # THEN the idle slot's countdown is a warning
+    assert (code, report["severity"]) == (0, "warning")
+    assert report["idle_replication_slot_timeout_seconds"] == 3600
+    assert any("idle_replication_slot_timeout is 3600 s" in p for p in report["problems"])

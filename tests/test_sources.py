@@ -1,8 +1,10 @@
 """Several sources in one event_log: each restart reads only its own positions, and a source
-read from another PostgreSQL than the one it recorded is refused."""
+read from another PostgreSQL than the one it recorded is refused, until `adopt` moves it there
+(when no stored position could be mistaken for the new server's)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import uuid
 from typing import Any
@@ -11,7 +13,7 @@ import psycopg
 import pytest
 
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select
-from tests.support.fix_consumer import current_wal_lsn
+from tests.support.fix_consumer import current_wal_lsn, publish_probes
 
 pytestmark = pytest.mark.e2e
 
@@ -117,3 +119,68 @@ def test_source_read_from_another_postgres_is_refused(make_consumer, clickhouse_
         result.stderr
     )
     assert system_identifier in result.stderr
+
+
+def _last_line(stderr: str) -> dict[str, Any]:
+    return dict(json.loads(stderr.strip().splitlines()[-1]))
+
+
+def test_source_moved_to_an_upgraded_server_is_adopted_only_past_its_positions(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """After a major-version upgrade (a new system identifier, the slot migrated past the old
+    WAL) the refused source is moved by `adopt`, which itself refuses while a stored position
+    is at or above the slot's; then the consumer delivers once again."""
+    environment = f"adopt-{uuid.uuid4().hex[:12]}"
+    # GIVEN a source that shipped events, recorded as read from another (the old) system
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.start()
+    shipped = publish_probes(pg_conn, 3, environment)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    clickhouse_command(
+        clickhouse_server.url,
+        "INSERT INTO cdc_sources (source, system_identifier, database, slot, timeline)"
+        f" VALUES ('{consumer.slot}', '7000000000000000002', 'outbox', '{consumer.slot}', 1)",
+    )
+    refused = consumer.cli("run")
+    assert refused.returncode == 2, refused.stderr
+    assert "python -m cdc_consumer adopt" in refused.stderr
+    # AND a stored position past the slot's, as a server whose WAL does not continue the old
+    # one's would leave
+    planted = consumer.confirmed_lsn() + 1_000_000
+    clickhouse_command(
+        clickhouse_server.url,
+        "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
+        " event_context, event_context_raw, metadata_version, source, source_lsn, source_seq)"
+        f" VALUES (generateUUIDv4(), 'probe', now64(6), 'planted', '{{}}', '{{}}', 1,"
+        f" '{consumer.slot}', {planted}, 0)",
+    )
+    # WHEN adopt runs, THEN it refuses while that position is stored
+    blocked = consumer.cli("adopt")
+    assert blocked.returncode == 2, blocked.stderr
+    assert "at or above slot" in _last_line(blocked.stderr)["error"]
+    clickhouse_command(
+        clickhouse_server.url,
+        f"ALTER TABLE event_log DELETE WHERE source = '{consumer.slot}'"
+        f" AND source_lsn = {planted} SETTINGS mutations_sync = 2",
+    )
+    # AND once every stored position is below the slot's, adopt records this server
+    adopted = consumer.cli("adopt")
+    assert adopted.returncode == 0, adopted.stderr
+    ((system_identifier,),) = pg_conn.execute(
+        "SELECT system_identifier::text FROM pg_control_system()"
+    ).fetchall()
+    assert json.loads(adopted.stdout)["previous_system_identifier"] == "7000000000000000002"
+    assert json.loads(adopted.stdout)["system_identifier"] == system_identifier
+    # AND the consumer runs again and delivers each event once
+    consumer.start()
+    later = publish_probes(pg_conn, 3, environment)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    rows = clickhouse_select(
+        clickhouse_server.url,
+        "SELECT toString(event_id), count() FROM event_log"
+        f" WHERE environment = '{environment}' GROUP BY event_id",
+    )
+    assert sorted(rows) == sorted([event_id, 1] for event_id in shipped + later)

@@ -7,6 +7,7 @@ with SIGTERM, kill it with SIGKILL, and read its JSON log lines. Tests wait on s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,16 +62,22 @@ class Consumer:
         return self.env["CDC_SLOT"]
 
     def cli(
-        self, *args: str, env: dict[str, str] | None = None
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "cdc_consumer", *args],
             env=env or self.env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
+
+    def point_at(self, database_url: str) -> None:
+        """From now on, read (and clean up) the PostgreSQL at `database_url`, as a deployment
+        does when its database endpoint moves to a promoted standby."""
+        self.env["DATABASE_URL"] = database_url
+        self.postgres_url = database_url
 
     def migrate(self) -> None:
         result = self.cli("migrate")
@@ -251,12 +258,19 @@ def kill_while_an_insert_executes(
 
 
 @contextmanager
-def short_wal_sender_timeout(pg_conn: psycopg.Connection[Any], value: str) -> Iterator[None]:
-    """The server's wal_sender_timeout set to `value` (e.g. '2s') for the block."""
-    pg_conn.execute(f"ALTER SYSTEM SET wal_sender_timeout = '{value}'")
+def server_setting(pg_conn: psycopg.Connection[Any], name: str, value: str) -> Iterator[None]:
+    """The server's `name` set to `value` (ALTER SYSTEM, reloaded) for the block."""
+    pg_conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
     pg_conn.execute("SELECT pg_reload_conf()")
     try:
         yield
     finally:
-        pg_conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
+        pg_conn.execute(f"ALTER SYSTEM RESET {name}")
         pg_conn.execute("SELECT pg_reload_conf()")
+
+
+def short_wal_sender_timeout(
+    pg_conn: psycopg.Connection[Any], value: str
+) -> contextlib.AbstractContextManager[None]:
+    """The server's wal_sender_timeout set to `value` (e.g. '2s') for the block."""
+    return server_setting(pg_conn, "wal_sender_timeout", value)

@@ -13,6 +13,8 @@ from tests.support.fix_consumer import current_wal_lsn, publish_probes
 
 def test_beat_schedule_runs_prune_hourly_and_the_slot_check_every_minute(celery_app):
     """Beat loads both entries with the default intervals, and both tasks are registered."""
+    # What a worker or Beat does at start: import the task modules autodiscovery names.
+    celery_app.loader.import_default_modules()
     scheduler = Scheduler(app=celery_app, lazy=True)
     scheduler.setup_schedule()
     every = {}
