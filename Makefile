@@ -18,8 +18,13 @@ venv: $(VENV)/.synced
 demo: venv
 	$(VENV)/bin/python -m demo --events $(EVENTS) --workers $(WORKERS)
 
+# Two pytest workers, each starting its own disposable PostgreSQL and ClickHouse test server, so
+# no test sees another's server-wide settings or restarts. Against external servers
+# (TEST_DATABASE_URL, TEST_CLICKHOUSE_URL: CI's service containers) one process, for that reason.
+TEST_WORKERS ?= $(if $(TEST_DATABASE_URL)$(TEST_CLICKHOUSE_URL),0,2)
+
 test: venv
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 # mypy's Django plugin imports web.settings, which (12-factor) insists on DATABASE_URL:
 # give it a placeholder that is never connected to.

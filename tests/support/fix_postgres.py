@@ -26,7 +26,11 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """Start the server (unless TEST_DATABASE_URL is set) before pytest-django sets up Django."""
     global _SERVER  # noqa: PLW0603  (one server per pytest process, owned by this plugin)
     url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
+    if not url and _distributes_tests(early_config):
+        # pytest-xdist's controller runs no test: each worker starts its own server. Django
+        # (12-factor) still wants a DATABASE_URL to read its settings; this one is never used.
+        url = "postgresql://xdist-controller@127.0.0.1:1/unused"
+    elif not url:
         _SERVER = DisposablePostgres.create(prefix="outbox-test-pg-")
         _SERVER.start()
         url = _SERVER.url
@@ -34,6 +38,12 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     os.environ.setdefault("ENVIRONMENT", "test")
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
     os.environ.setdefault("LOG_LEVEL", "warning")
+
+
+def _distributes_tests(config: pytest.Config) -> bool:
+    """This process is pytest-xdist's controller: it hands tests to workers, running none."""
+    workers = getattr(config.known_args_namespace, "numprocesses", None)
+    return bool(workers) and "PYTEST_XDIST_WORKER" not in os.environ
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
