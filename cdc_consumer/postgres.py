@@ -38,8 +38,16 @@ def _escaped(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
+# Unless the URL says otherwise: a server that drops packets would hold a connect for psycopg's
+# default of 130 s, past a stop's grace (CDC_SHUTDOWN_GRACE_SECONDS, 30 s by default).
+CONNECT_TIMEOUT_SECONDS = 10
+
+
 def connect(
     url: str, *, settings: dict[str, str] | None = None, **kwargs: Any
 ) -> psycopg.Connection[Any]:
-    """psycopg.connect with the row-text settings (and `settings`) pinned for the session."""
+    """psycopg.connect with the row-text settings (and `settings`) pinned for the session, and
+    a connect timeout unless the URL sets one."""
+    if "connect_timeout" not in conninfo_to_dict(url):
+        kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     return psycopg.connect(url, options=session_options(url, **(settings or {})), **kwargs)

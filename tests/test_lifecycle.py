@@ -4,7 +4,9 @@ can wait in, a schema change mid-stream."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from cdc_consumer.pgoutput import str_to_lsn
+from cdc_consumer.postgres import CONNECT_TIMEOUT_SECONDS
 from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import (
     Consumer,
@@ -358,3 +361,36 @@ def test_stop_while_the_fence_waits_leaves_within_the_grace(
     # AND once the killed run's insert has landed, a restart skips it and adds nothing twice
     clickhouse_faults.release_inserts()
     _restart_delivers_once(consumer, clickhouse_faults.url, tag, pg_conn, 10)
+
+
+def test_stop_while_postgresql_never_answers_the_connect_leaves_within_the_connect_timeout(
+    make_consumer, clickhouse_server, postgres_url
+):
+    """A PostgreSQL address that accepts the TCP connection and never answers: SIGTERM ends the
+    consumer once the connect gives up (CONNECT_TIMEOUT_SECONDS), not psycopg's 130 s."""
+    # GIVEN a listener that completes the handshake and then says nothing
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
+        port = silent.getsockname()[1]
+        parts = urlsplit(postgres_url)
+        host = f"{parts.username}@127.0.0.1:{port}" if parts.username else f"127.0.0.1:{port}"
+        consumer = make_consumer(clickhouse_server.url)
+        silent_url = urlunsplit(parts._replace(netloc=host))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cdc_consumer", "run"],
+            env={**consumer.env, "DATABASE_URL": silent_url},
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(2.0)  # well into the connect
+            assert process.poll() is None
+            # WHEN it is asked to stop
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=CONNECT_TIMEOUT_SECONDS + 10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    # THEN it left within the connect timeout, non-zero (it never got to stream)
+    assert code != 0
+    assert time.monotonic() - stopped_at < CONNECT_TIMEOUT_SECONDS + 3
