@@ -31,6 +31,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 	DATABASE_URL=postgresql://lint@127.0.0.1:1/lint DJANGO_DEBUG=true $(VENV)/bin/mypy .
 
 clean:

@@ -161,7 +161,16 @@ class ChdbTransport:
     """The ClickHouse engine in process: one data directory per process, one query at a time."""
 
     def __init__(self, path: str, database: str = "default") -> None:
-        from chdb.session import Session  # noqa: PLC0415  (~260 MB: load only when asked)
+        try:
+            from chdb.session import Session  # noqa: PLC0415  (~260 MB: load only when asked)
+        except ImportError as exc:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                "CLICKHOUSE_URL names the embedded engine (chdb://), which this installation"
+                " does not include",
+                hint="point CLICKHOUSE_URL at a ClickHouse server (http:// or https://), or"
+                " install the embedded engines: `uv sync --group embedded` (make demo/test do)",
+            ) from exc
 
         self._session = Session(path)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()

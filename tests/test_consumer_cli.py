@@ -162,3 +162,27 @@ def test_print_clickhouse_ddl_belongs_to_migrate():
     result = _run("status", "--print-clickhouse-ddl", env=_clean_env(**_UNREACHABLE))
     assert result.returncode == 2
     assert "--print-clickhouse-ddl goes with migrate" in result.stderr
+
+
+def test_embedded_engine_missing_from_the_installation_is_a_configuration_error(tmp_path):
+    """CLICKHOUSE_URL=chdb:// where chDB is not installed (the production image): exit 2 with a
+    hint, not a traceback. chDB's absence is what Python sees for a package that is not there."""
+    absent = (
+        "import sys; sys.modules['chdb'] = None; sys.modules['chdb.session'] = None;"
+        " from cdc_consumer.__main__ import main; sys.exit(main(['migrate']))"
+    )
+    env = _clean_env(
+        DATABASE_URL="postgresql://x@127.0.0.1:1/unused", CLICKHOUSE_URL=f"chdb://{tmp_path}/ch"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", absent],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "embedded engine" in result.stderr
+    assert "uv sync --group embedded" in result.stderr
