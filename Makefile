@@ -32,6 +32,8 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	DATABASE_URL=postgresql://lint@127.0.0.1:1/lint DJANGO_DEBUG=true $(VENV)/bin/mypy .
 
 clean:
