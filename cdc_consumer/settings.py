@@ -6,7 +6,11 @@ and passed down. A missing or malformed variable stops the process with one line
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import sys
+from collections.abc import Mapping
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -224,10 +228,34 @@ class ConsumerSettings(SlotCheckSettings):
 
 def load_settings() -> ConsumerSettings:
     """Build settings from the environment or exit with one line naming the bad variable."""
+    warn_unknown_variables("CDC_", ConsumerSettings)
     try:
         return ConsumerSettings()  # type: ignore[call-arg]  # fields come from the environment
     except ValidationError as exc:
         raise SystemExit(describe_invalid_settings(exc)) from None
+
+
+def unknown_variables(
+    prefix: str, settings: type[BaseSettings], environ: Mapping[str, str]
+) -> list[str]:
+    """One line per variable of `environ` starting with `prefix` that `settings` does not read,
+    with the nearest name it does: a misspelled variable would otherwise be ignored silently
+    and its setting left at the default. Each prefix belongs to one process's settings (CDC_ to
+    the consumer's, which include the slot check's; OUTBOX_ to the web app's)."""
+    known = [name.upper() for name in settings.model_fields]
+    lines = []
+    for name in sorted(n for n in environ if n.upper().startswith(prefix)):
+        if name.upper() in known:
+            continue
+        near = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        lines.append(f"configuration warning: {name} is not a setting, ignored{hint}")
+    return lines
+
+
+def warn_unknown_variables(prefix: str, settings: type[BaseSettings]) -> None:
+    for line in unknown_variables(prefix, settings, os.environ):
+        print(line, file=sys.stderr)
 
 
 def describe_invalid_settings(exc: ValidationError) -> str:

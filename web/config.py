@@ -25,7 +25,12 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 # Django), so both processes judge and report configuration the same way.
 # The slot and its thresholds (SlotCheckSettings) are shared too: `python -m cdc_consumer status`
 # and GET /health/outbox judge the slot by the same variables.
-from cdc_consumer.settings import SlotCheckSettings, describe_invalid_settings, postgres_url
+from cdc_consumer.settings import (
+    SlotCheckSettings,
+    describe_invalid_settings,
+    postgres_url,
+    warn_unknown_variables,
+)
 
 # Used only when DJANGO_DEBUG is true and DJANGO_SECRET_KEY is unset, so `runserver` works on a
 # laptop with nothing but DATABASE_URL. Never accepted with DEBUG off: see _secret_key below.
@@ -86,6 +91,7 @@ class WebSettings(SlotCheckSettings):
 
 def load_settings() -> WebSettings:
     """Build settings from the environment or exit with one line naming the bad variable."""
+    warn_unknown_variables("OUTBOX_", WebSettings)
     try:
         return WebSettings()  # type: ignore[call-arg]  # fields come from the environment
     except ValidationError as exc:
