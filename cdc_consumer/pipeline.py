@@ -161,6 +161,7 @@ class Pipeline:
         # the slot to replay.
         self._received_lsn = 0
         self._confirmed_lsn = 0
+        self._streamed = False  # this connection got as far as streaming
 
     def run(self) -> int:
         """Stream until stopped; returns the process exit code: 0 when every commit received
@@ -186,6 +187,8 @@ class Pipeline:
                     )
                     self._worker.stop(abort=True, deadline=self._grace_deadline())
                     return 2
+                if self._streamed:  # a failure after streaming again starts the backoff afresh
+                    attempt, self._streamed = 0, False
                 attempt += 1
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
                 log.warning(
@@ -240,6 +243,7 @@ class Pipeline:
                     " and the events this server has at those positions are shipped;"
                     " docs/runbook-failover.md",
                 )
+            self._streamed = True
             log.info(
                 "streaming",
                 slot=self._settings.cdc_slot,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 from tests.support import engines
 
 
@@ -32,3 +35,27 @@ def test_embedded_engines_can_be_asked_for(monkeypatch):
     described = engines.describe()
     assert "clickhouse=external (TEST_CLICKHOUSE_URL)" in described
     assert "postgresql=embedded" in described
+
+
+def test_a_docker_engine_is_recognised_by_its_ping(monkeypatch):
+    """What answers GET /_ping with 200 on DOCKER_HOST is taken for an engine; what refuses
+    the connection or answers otherwise is not."""
+
+    def engine_answering(status: bytes) -> bool:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{server.getsockname()[1]}")
+
+            def answer() -> None:
+                client, _ = server.accept()
+                with client:
+                    client.recv(256)
+                    client.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nOK")
+
+            thread = threading.Thread(target=answer)
+            thread.start()
+            answered = engines.docker_engine_answers()
+            thread.join()
+        return answered
+
+    assert engine_answering(b"200 OK") is True
+    assert engine_answering(b"404 Not Found") is False

@@ -394,3 +394,25 @@ def test_stop_while_postgresql_never_answers_the_connect_leaves_within_the_conne
     # THEN it left within the connect timeout, non-zero (it never got to stream)
     assert code != 0
     assert time.monotonic() - stopped_at < CONNECT_TIMEOUT_SECONDS + 3
+
+
+def test_reconnect_after_streaming_again_starts_the_backoff_afresh(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """Each time the walsender goes away after the consumer had streamed again, the reconnect
+    is attempt 1 (the shortest backoff), not the count of every failure since the start."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    consumer.start()
+
+    def reconnects() -> list[dict[str, Any]]:
+        return [e for e in consumer.log_events() if e["event"] == "source failed, reconnecting"]
+
+    for failures in (1, 2):
+        # WHEN the walsender is terminated while the consumer streams
+        pg_conn.execute("SELECT pg_terminate_backend(%s)", (consumer.slot_pid(),))
+        wait_for(lambda n=failures: len(reconnects()) >= n, what="the consumer to reconnect")
+        wait_for(consumer.slot_active, what="streaming again")
+    assert consumer.stop() == 0
+    # THEN both reconnects were first attempts
+    assert [e["attempt"] for e in reconnects()] == [1, 1]
