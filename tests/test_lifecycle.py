@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -396,6 +397,10 @@ def test_stop_while_postgresql_never_answers_the_connect_leaves_within_the_conne
     assert time.monotonic() - stopped_at < CONNECT_TIMEOUT_SECONDS + 3
 
 
+def _at_least(items: Callable[[], list[Any]], count: int) -> bool:
+    return len(items()) >= count
+
+
 def test_reconnect_after_streaming_again_starts_the_backoff_afresh(
     make_consumer, clickhouse_server, pg_conn
 ):
@@ -411,7 +416,7 @@ def test_reconnect_after_streaming_again_starts_the_backoff_afresh(
     for failures in (1, 2):
         # WHEN the walsender is terminated while the consumer streams
         pg_conn.execute("SELECT pg_terminate_backend(%s)", (consumer.slot_pid(),))
-        wait_for(lambda n=failures: len(reconnects()) >= n, what="the consumer to reconnect")
+        wait_for(partial(_at_least, reconnects, failures), what="the consumer to reconnect")
         wait_for(consumer.slot_active, what="streaming again")
     assert consumer.stop() == 0
     # THEN both reconnects were first attempts
