@@ -66,6 +66,36 @@ def test_scrape_counts_the_events_just_shipped(make_consumer, clickhouse_server,
     assert consumer.stop() == 0
 
 
+@pytest.mark.e2e
+def test_scrape_counts_retries_by_kind_and_dead_letters(make_consumer, clickhouse_faults, pg_conn):
+    """Inserts that fail count as retries of their kind; a row ClickHouse refuses counts as
+    dead-lettered, not shipped, and its latency is observed with the rest of its batch."""
+    # GIVEN a consumer serving metrics, whose next two inserts fail with a server error
+    port = _free_port()
+    consumer = make_consumer(clickhouse_faults.url, CDC_METRICS_PORT=str(port))
+    consumer.migrate()
+    consumer.start()
+    clickhouse_faults.fail_inserts(2)
+    # WHEN 10 good events and one the JSON column refuses commit together
+    with pg_conn.transaction():
+        publish_probes(pg_conn, 10, "metrics-faults")
+        pg_conn.execute(
+            "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+            " event_context, metadata_version) VALUES (gen_random_uuid(), 'probe',"
+            """ clock_timestamp(), 'metrics-faults', '{"a.b": 1, "a": {"b": 2}}', 1)"""
+        )
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    # THEN the scrape tells the two retries, the ten shipped and the one dead-lettered apart
+    metrics = _scrape(port)
+    assert metrics["cdc_retries_total{kind=transient_sink}"] == 2
+    assert metrics["cdc_events_shipped_total"] == 10
+    assert metrics["cdc_events_dead_lettered_total"] == 1
+    assert metrics["cdc_insert_seconds_count{table=event_log_dead_letter}"] == 1
+    assert metrics["cdc_commit_to_insert_seconds_count"] == 11
+    assert metrics["cdc_batches_total"] == 1
+    assert consumer.stop() == 0
+
+
 def test_lag_is_read_with_each_progress_record(django_db_setup, postgres_url):
     """Each cdc_progress write (the table from django_db_setup) sets cdc_lag_bytes to the WAL
     between the server's position and the one recorded."""
