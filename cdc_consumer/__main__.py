@@ -19,6 +19,7 @@ import structlog
 from cdc_consumer import backfill, clickhouse, postgres, provisioning, verify
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
+from cdc_consumer.metrics import OFF, Metrics, PrometheusMetrics
 from cdc_consumer.observability import configure_logging, configure_sentry
 from cdc_consumer.pipeline import Pipeline, StopRequest
 from cdc_consumer.progress import REFRESH_SECONDS
@@ -55,13 +56,24 @@ def cmd_migrate(settings: ConsumerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(settings: ConsumerSettings) -> Metrics:
+    """Serving from the start, so a consumer stuck migrating is up but not streaming."""
+    if settings.cdc_metrics_port is None:
+        return OFF
+    metrics = PrometheusMetrics()
+    metrics.serve(settings.cdc_metrics_port)
+    log.info("serving metrics", port=settings.cdc_metrics_port)
+    return metrics
+
+
 def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     stop = StopRequest()
     stop.install()
+    metrics = _metrics(settings)
     transport = _migrate(settings)
     sink = ClickHouseSink(transport, source=settings.source, cluster=settings.clickhouse_cluster)
     try:
-        return Pipeline(settings, sink, stop).run()
+        return Pipeline(settings, sink, stop, metrics).run()
     finally:
         sink.close()
 

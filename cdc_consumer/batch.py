@@ -28,6 +28,9 @@ class Batch:
     nbytes: int = 0
     confirm_lsn: int | None = None  # end LSN of the last transaction this batch completes
     commit_time: int | None = None  # that transaction's commit time, as pgoutput sends it
+    # (commit time, rows in this batch) per transaction with rows here, for per-event latency
+    # without a per-row cost: a transaction's rows share its commit time.
+    commits: list[tuple[int, int]] = field(default_factory=list)
 
 
 _NONE: Sequence[Batch] = ()
@@ -52,6 +55,7 @@ class BatchBuilder:
         self._complete_rows = 0  # rows[:complete_rows] belong to committed transactions
         self._complete_bytes = 0
         self._started_at: float | None = None
+        self._open_commit_time: int | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -82,11 +86,18 @@ class BatchBuilder:
         rows = len(self._batch.rows)
         return rows > 0 and (rows >= self._max_rows or self._batch.nbytes + size > self._max_bytes)
 
+    def begin(self, commit_time: int) -> None:
+        """Open a transaction whose commit time (pgoutput's, known from its Begin) its rows
+        carry into `Batch.commits`, also when it is split across batches."""
+        self._open_commit_time = commit_time
+
     def commit(self, end_lsn: int, commit_time: int | None = None) -> Batch | None:
         """Close the open transaction; returns a batch if a limit is reached."""
         batch = self._batch
         batch.confirm_lsn = end_lsn
         batch.commit_time = commit_time
+        self._count_open_rows(batch, commit_time)
+        self._open_commit_time = None
         self._complete_rows = len(batch.rows)
         self._complete_bytes = batch.nbytes
         if self._started_at is None:
@@ -120,9 +131,17 @@ class BatchBuilder:
         self._batch = Batch()
         self._complete_rows = self._complete_bytes = 0
         self._started_at = None
+        self._open_commit_time = None
+
+    def _count_open_rows(self, batch: Batch, commit_time: int | None) -> None:
+        rows = len(batch.rows) - self._complete_rows
+        if rows and commit_time is not None:
+            batch.commits.append((commit_time, rows))
 
     def _cut(self, *, keep_open_rows: bool) -> Batch:
         batch = self._batch
+        if not keep_open_rows:  # the open transaction's rows so far go with this batch
+            self._count_open_rows(batch, self._open_commit_time)
         self._batch = Batch()
         self._started_at = None
         if keep_open_rows and self._complete_rows < len(batch.rows):

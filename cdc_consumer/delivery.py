@@ -23,6 +23,7 @@ import structlog
 
 from cdc_consumer.batch import Batch
 from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
+from cdc_consumer.metrics import OFF, Metrics
 from cdc_consumer.sink import EventSink
 
 log = structlog.get_logger(__name__)
@@ -45,8 +46,11 @@ class SinkWorker:
     interrupts the backoff at once instead of after the longest wait.
     """
 
-    def __init__(self, sink: EventSink, *, retry_cap_seconds: float) -> None:
+    def __init__(
+        self, sink: EventSink, *, retry_cap_seconds: float, metrics: Metrics = OFF
+    ) -> None:
         self._sink = sink
+        self._metrics = metrics
         self._retry_cap = retry_cap_seconds
         self._queue: queue.Queue[tuple[int, Batch] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._abort = threading.Event()
@@ -151,6 +155,7 @@ class SinkWorker:
                 if batch.rows and not self._deliver(batch.rows, generation):
                     continue
                 self.batches_written += 1
+                self._metrics.batch_written(batch)
                 with self._lock:
                     if generation != self._generation or self._refusing:
                         continue  # landed after all; the next restart read sees it
@@ -270,6 +275,7 @@ class SinkWorker:
                 if policy_for(exc) is not Policy.RETRY:
                     raise
                 delay = backoff_delay(attempt, self._retry_cap)
+                self._metrics.retried(exc.kind)
                 log.warning(
                     f"{what} write failed, retrying",
                     rows=len(rows),
@@ -281,12 +287,14 @@ class SinkWorker:
                 self._wake.wait(delay)
                 continue
             self.rows_written += len(rows)
+            nbytes, seconds = sum(len(row) for row in rows), time.perf_counter() - started
+            self._metrics.written(what, rows=len(rows), nbytes=nbytes, seconds=seconds)
             log.info(
                 f"{what} written",
                 rows=len(rows),
-                bytes=sum(len(row) for row in rows),
+                bytes=nbytes,
                 attempt=attempt,
-                seconds=round(time.perf_counter() - started, 3),
+                seconds=round(seconds, 3),
             )
             return True
         return False

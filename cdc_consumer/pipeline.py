@@ -25,6 +25,7 @@ from cdc_consumer.batch import Batch, BatchBuilder
 from cdc_consumer.delivery import SinkWorker, backoff_delay
 from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.event_log import EventLogEncoder
+from cdc_consumer.metrics import OFF, Metrics
 from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.progress import ProgressRecorder, commit_time_from_pgoutput
 from cdc_consumer.replication import Keepalive, ReplicationStream
@@ -142,8 +143,15 @@ def _not_the_outbox(relation: pgoutput.Relation, settings: ConsumerSettings) -> 
 
 
 class Pipeline:
-    def __init__(self, settings: ConsumerSettings, sink: EventSink, stop: StopRequest) -> None:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        sink: EventSink,
+        stop: StopRequest,
+        metrics: Metrics = OFF,
+    ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._sink = sink
         self._stop = stop
         self._builder = BatchBuilder(
@@ -151,9 +159,11 @@ class Pipeline:
             max_bytes=settings.cdc_batch_max_bytes,
             max_seconds=settings.cdc_batch_max_seconds,
         )
-        self._worker = SinkWorker(sink, retry_cap_seconds=settings.cdc_retry_max_seconds)
+        self._worker = SinkWorker(
+            sink, retry_cap_seconds=settings.cdc_retry_max_seconds, metrics=metrics
+        )
         self._progress = ProgressRecorder(
-            settings.database_url.get_secret_value(), settings.cdc_slot
+            settings.database_url.get_secret_value(), settings.cdc_slot, metrics=metrics
         )
         # What the exit code reports: the end LSN of the newest commit received, on any
         # connection, against the newest position the slot was confirmed at (the slot's own
@@ -190,6 +200,7 @@ class Pipeline:
                 if self._streamed:  # a failure after streaming again starts the backoff afresh
                     attempt, self._streamed = 0, False
                 attempt += 1
+                self._metrics.retried(exc.kind)
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
                 log.warning(
                     "superseded, standing by"
@@ -253,8 +264,10 @@ class Pipeline:
                 stored_transactions=stored.transactions,
                 stored_rows=stored.rows,
             )
+            self._metrics.streaming(True)
             self._stream_until_stopped(session)
         finally:
+            self._metrics.streaming(False)
             stream.close()
 
     def _restart_read(
@@ -342,6 +355,7 @@ class Pipeline:
         elif isinstance(message, pgoutput.Begin):
             stored = s.stored.in_transaction(message.final_lsn)
             s.tx = _Transaction(commit_lsn=message.final_lsn, open=True, stored=stored)
+            self._builder.begin(message.commit_time)
         elif isinstance(message, pgoutput.Commit):
             s.tx.open = False
             self._received_lsn = max(self._received_lsn, message.end_lsn)
@@ -383,6 +397,7 @@ class Pipeline:
         if target > s.stream.confirmed or overdue:
             s.stream.send_status(flush=target)
             self._confirmed_lsn = s.stream.confirmed
+            self._metrics.confirmed(self._confirmed_lsn)
             self._record_progress(s)
 
     def _record_progress(self, s: _Session, *, force: bool = False) -> None:

@@ -21,6 +21,7 @@ import psycopg
 import structlog
 
 from cdc_consumer import pgoutput, postgres
+from cdc_consumer.metrics import OFF, Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,7 @@ ON CONFLICT (slot) DO UPDATE SET
     confirmed_lsn = GREATEST(p.confirmed_lsn, EXCLUDED.confirmed_lsn),
     last_commit_time = GREATEST(p.last_commit_time, EXCLUDED.last_commit_time),
     updated_at = now()
+RETURNING pg_wal_lsn_diff(pg_current_wal_lsn(), p.confirmed_lsn)::bigint
 """
 
 
@@ -48,11 +50,13 @@ def commit_time_from_pgoutput(microseconds: int) -> datetime:
 
 
 class ProgressRecorder:
-    """Upserts this slot's row in cdc_progress; never raises."""
+    """Upserts this slot's row in cdc_progress; never raises. Each write also reads the slot's
+    lag in WAL bytes for `metrics` (the replication connection cannot run SQL)."""
 
-    def __init__(self, database_url: str, slot: str) -> None:
+    def __init__(self, database_url: str, slot: str, *, metrics: Metrics = OFF) -> None:
         self._url = database_url
         self._slot = slot
+        self._metrics = metrics
         self._conn: psycopg.Connection[Any] | None = None
         self._retry_at = 0.0
         self._written_at: float | None = None
@@ -77,14 +81,16 @@ class ProgressRecorder:
                     connect_timeout=5,
                     settings={"statement_timeout": "5000"},
                 )
-            self._conn.execute(
+            lag = self._conn.execute(
                 _UPSERT,
                 {
                     "slot": self._slot,
                     "lsn": pgoutput.lsn_to_str(confirmed_lsn),
                     "commit_time": commit_time,
                 },
-            )
+            ).fetchone()
+            if lag is not None:
+                self._metrics.lag(int(lag[0]))
             self._written_at, self._written_commit_time = now, commit_time
         except psycopg.Error as exc:
             log.warning(

@@ -109,6 +109,17 @@ def _insert_quorum(value: object) -> object:
     return int(text)
 
 
+def _metrics_port(value: object) -> object:
+    # Parsed here for one plain line on a bad value; empty, as .env files spell "unset", is
+    # unset (metrics off).
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError("must be a TCP port, 1 to 65535 (unset or empty: no metrics endpoint)")
+    return int(text)
+
+
 def _empty_is_false(value: object) -> object:
     # Empty, as .env files spell "unset", is the default (off), as for CLICKHOUSE_CLUSTER.
     return False if isinstance(value, str) and not value.strip() else value
@@ -179,6 +190,8 @@ class ConsumerSettings(SlotCheckSettings):
     cdc_status_interval_seconds: float = Field(default=10.0, gt=0, le=300)
     cdc_retry_max_seconds: float = Field(default=30.0, gt=0)
     cdc_shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+    # Prometheus metrics (docs/metrics.md) on http://0.0.0.0:<port>/metrics; unset: none.
+    cdc_metrics_port: Annotated[int | None, BeforeValidator(_metrics_port)] = None
 
     # A ClickHouse cluster (docs/adr/0005-clickhouse-cluster.md): the schema is created ON
     # CLUSTER on replicated engines, and the fence of earlier runs reaches every host. Unset or

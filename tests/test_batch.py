@@ -176,3 +176,31 @@ def test_drain_at_shutdown_keeps_only_committed():
     assert batch is not None
     assert batch.rows == [b"a"]
     assert batch.confirm_lsn == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    transactions=st.lists(st.lists(st.integers(min_value=1, max_value=40), max_size=12)),
+    max_rows=st.integers(min_value=1, max_value=8),
+    max_bytes=st.integers(min_value=1, max_value=80),
+)
+def test_every_row_is_counted_once_under_its_commit_time(transactions, max_rows, max_bytes):
+    """`Batch.commits` counts each row once, under its transaction's commit time and in the
+    batch that holds it, also for a transaction split across batches."""
+    builder = BatchBuilder(max_rows=max_rows, max_bytes=max_bytes, max_seconds=60)
+    batches: list[Batch] = []
+    for commit_time, sizes in enumerate(transactions, start=1000):
+        builder.begin(commit_time)
+        for size in sizes:
+            batches.extend(builder.add(b"r" * size))
+        cut = builder.commit(commit_time, commit_time)
+        batches.extend([cut] if cut is not None else [])
+    last = builder.drain_committed()
+    batches.extend([last] if last is not None else [])
+    counted: dict[int, int] = {}
+    for batch in batches:
+        assert sum(rows for _, rows in batch.commits) == len(batch.rows)
+        for commit_time, rows in batch.commits:
+            counted[commit_time] = counted.get(commit_time, 0) + rows
+    expected = {ct: len(sizes) for ct, sizes in enumerate(transactions, start=1000) if sizes}
+    assert counted == expected

@@ -168,3 +168,22 @@ def test_slot_failover_that_is_not_a_boolean_is_refused(env, value):
     assert _refusal(env, CDC_SLOT_FAILOVER=value) == (
         "configuration error: CDC_SLOT_FAILOVER must be true or false"
     )
+
+
+def test_metrics_are_off_unless_a_port_is_set(env):
+    """CDC_METRICS_PORT unset or empty serves no metrics; a port is taken as a number."""
+    env.delenv("CDC_METRICS_PORT", raising=False)
+    assert load_settings().cdc_metrics_port is None
+    env.setenv("CDC_METRICS_PORT", "")
+    assert load_settings().cdc_metrics_port is None
+    env.setenv("CDC_METRICS_PORT", " 9187 ")
+    assert load_settings().cdc_metrics_port == 9187
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "http", "91.5"])
+def test_metrics_port_out_of_range_is_named(env, port):
+    """A CDC_METRICS_PORT that is not 1..65535 stops the process with one line naming it."""
+    assert _refusal(env, CDC_METRICS_PORT=port) == (
+        "configuration error: CDC_METRICS_PORT must be a TCP port, 1 to 65535"
+        " (unset or empty: no metrics endpoint)"
+    )
