@@ -5,6 +5,8 @@
 
 The broker is CELERY_BROKER_URL (Redis). Tasks live in `web.outbox.tasks` and are thin: each
 calls one plain function that also runs from a management command and from a test.
+
+Sentry: the worker and Beat initialise it at start, with every Beat entry a cron monitor.
 """
 
 from __future__ import annotations
@@ -57,12 +59,6 @@ def _install_schedule(sender: Celery, **_kwargs: Any) -> None:
 @beat_init.connect
 def _init_sentry(**_kwargs: Any) -> None:
     """Sentry in the worker and Beat processes (the web process does it in web.wsgi)."""
-    from django.conf import settings  # noqa: PLC0415
+    from web.observability import configure_web_sentry  # noqa: PLC0415
 
-    from web.observability import configure_sentry  # noqa: PLC0415
-
-    configure_sentry(
-        dsn=settings.SENTRY_DSN,
-        environment=settings.ENVIRONMENT,
-        traces_sample_rate=settings.SENTRY_TRACES_SAMPLE_RATE,
-    )
+    configure_web_sentry()

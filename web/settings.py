@@ -44,7 +44,7 @@ TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en-us"
 USE_I18N = False
 
-LOGGING_CONFIG = "web.observability.configure_logging"
+LOGGING_CONFIG = "cdc_consumer.observability.configure_logging"  # the one structlog set-up
 LOGGING = logging_dict_config(level=_web.log_level, log_format=_web.log_format)
 
 # Project settings, read by our code through django.conf.settings (tests override them there).

@@ -1,14 +1,28 @@
-"""web.observability: every log line, Django's included, is rendered by structlog."""
+"""web.observability: every log line, Django's included, is rendered by structlog; a request's
+and a task's lines carry their context; Sentry reports crons and never an event's context."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import uuid
+from typing import Any
 
 import orjson
+import pytest
+import sentry_sdk
 import structlog
+from celery.beat import Scheduler
+from pydantic import SecretStr
 
-from web.observability import configure_sentry, logging_dict_config
+from cdc_consumer.observability import configure_sentry, sentry_options
+from tests.support.fix_consumer import wait_for
+from tests.web.conftest import CapturingTransport
+from web.observability import logging_dict_config, sentry_integrations
+from web.outbox.errors import EventPublishError
+from web.outbox.events import Event
+from web.outbox.publish import publish
 
 
 def _structlog_handler() -> logging.Handler:
@@ -69,5 +83,91 @@ def test_sentry_is_not_initialised_without_dsn():
     """Without SENTRY_DSN, configure_sentry leaves Sentry inactive."""
     import sentry_sdk
 
-    configure_sentry(dsn=None, environment="test", traces_sample_rate=0.0)
+    assert configure_sentry(dsn=None, environment="test", traces_sample_rate=0.0) is False
     assert not sentry_sdk.get_client().is_active()
+
+
+class ObservabilityProbe(Event):
+    """An event whose context the tests look for in every Sentry payload."""
+
+    note: str
+    ratio: float
+
+
+@pytest.fixture
+def sentry_transport():
+    """Sentry set up as every process sets it up, with a transport that keeps envelopes."""
+    transport = CapturingTransport()
+    options = sentry_options(
+        dsn=SecretStr("https://public@sentry.invalid/1"),
+        environment="test",
+        traces_sample_rate=1.0,
+        integrations=sentry_integrations(),
+    )
+    sentry_sdk.init(**options, transport=transport)
+    try:
+        yield transport
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+
+
+def _check_ins(transport: CapturingTransport) -> list[Any]:
+    return [
+        item.payload.json
+        for envelope in transport.envelopes
+        for item in envelope.items
+        if item.headers.get("type") == "check_in"
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_beat_entry_checks_in_to_a_sentry_cron_monitor(
+    celery_app, celery_worker, settings, sentry_transport
+):
+    """Beat sending the slot check opens a check-in of monitor `outbox-slot-check` (every
+    minute), and the worker closes it ok when the task ends: Sentry can alert on a missed run."""
+    settings.CDC_SLOT = "no_such_slot"
+    transport = sentry_transport
+    celery_app.loader.import_default_modules()
+    scheduler = Scheduler(app=celery_app, lazy=True)
+    scheduler.setup_schedule()
+    scheduler.apply_entry(scheduler.schedule["outbox-slot-check"], producer=None)
+    done = wait_for(
+        lambda: [c for c in _check_ins(transport) if c["status"] == "ok"], what="ok check-in"
+    )
+    [started] = [c for c in _check_ins(transport) if c["status"] == "in_progress"]
+    assert started["monitor_slug"] == "outbox-slot-check"
+    assert started["monitor_config"]["schedule"] == {
+        "type": "interval",
+        "value": 1,
+        "unit": "minute",
+    }
+    [ok] = done
+    assert ok["check_in_id"] == started["check_in_id"]
+    # The breach the task found is an event of its own.
+    assert any("no_such_slot critical" in (e.get("message") or "") for e in transport.events)
+
+
+@pytest.mark.django_db
+def test_no_event_context_reaches_sentry(sentry_transport):
+    """An error while publishing, a context or extra named event_context, an error line and a
+    span's data: no envelope holds the event's context, and personal data is off."""
+    marker = f"context-{uuid.uuid4().hex}"
+    try:
+        publish(ObservabilityProbe(note=marker, ratio=math.nan))
+    except EventPublishError as exc:
+        sentry_sdk.capture_exception(exc)
+    else:
+        pytest.fail("NaN was published")
+    sentry_sdk.set_context("outbox", {"event_context": {"note": marker}})
+    sentry_sdk.set_extra("event_context", marker)
+    structlog.get_logger("tests.observability").error("publish failed", event_context=marker)
+    with sentry_sdk.start_transaction(name="probe"), sentry_sdk.start_span(op="probe") as span:
+        span.set_data("event_context", marker)
+    client = sentry_sdk.get_client()
+    assert client.should_send_default_pii() is False
+    assert client.options["data_collection"]["user_info"] is False
+    assert len(sentry_transport.envelopes) >= 3
+    for envelope in sentry_transport.envelopes:
+        assert marker.encode() not in envelope.serialize()
