@@ -15,14 +15,19 @@ import sentry_sdk
 import structlog
 from celery.beat import Scheduler
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from cdc_consumer.observability import configure_sentry, sentry_options
 from tests.support.fix_consumer import wait_for
 from tests.web.conftest import CapturingTransport
+from web.accounts.services import user_create
 from web.observability import logging_dict_config, sentry_integrations
 from web.outbox.errors import EventPublishError
 from web.outbox.events import Event
 from web.outbox.publish import publish
+
+# What capture_logs keeps of the configured chain: the bound context, as rendering would.
+_WITH_CONTEXT = [structlog.contextvars.merge_contextvars]
 
 
 def _structlog_handler() -> logging.Handler:
@@ -94,6 +99,67 @@ class ObservabilityProbe(Event):
     ratio: float
 
 
+@pytest.mark.django_db
+def test_a_request_s_lines_share_one_request_id(client):
+    """Every line of one request (middleware, service) carries the same request_id, and the
+    next request gets another."""
+    body = {"email": f"{uuid.uuid4().hex[:8]}@example.com", "first_name": "A", "last_name": "L"}
+    with capture_logs(processors=_WITH_CONTEXT) as first:
+        assert client.post("/api/users/", body, content_type="application/json").status_code == 201
+    with capture_logs(processors=_WITH_CONTEXT) as second:
+        client.get("/health/")
+    events = [entry["event"] for entry in first]
+    assert events[0] == "request_started"
+    assert "user created" in events
+    assert events[-1] == "request_finished"
+    ids = {entry.get("request_id") for entry in first}
+    assert len(ids) == 1
+    assert None not in ids
+    assert {entry.get("request_id") for entry in second}.isdisjoint(ids)
+    assert all("ip" not in entry for entry in first)  # personal data, not logged
+
+
+@pytest.mark.django_db
+def test_login_binds_the_user_id_for_the_rest_of_the_request(client, fast_passwords):
+    """Once login succeeds, the request's remaining lines carry the user's id."""
+    user = user_create(
+        email=f"{uuid.uuid4().hex[:8]}@example.com", first_name="A", last_name="L", password="pw"
+    )
+    body = {"username": user.email, "password": "pw"}
+    with capture_logs(processors=_WITH_CONTEXT) as entries:
+        assert client.post("/api/login/", body, content_type="application/json").status_code == 200
+    [finished] = [entry for entry in entries if entry["event"] == "request_finished"]
+    assert finished["user_id"] == user.pk
+    assert "password" not in str(entries)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_task_lines_carry_the_request_id_that_enqueued_it(celery_worker, settings):
+    """A task sent while a request's context is bound runs on the real worker with that
+    request_id, its own task_id and its task_name on every line it writes."""
+    from web.outbox.tasks import outbox_slot_check_task
+
+    settings.CDC_SLOT = "no_such_slot"  # critical: a line at once, no consumer needed
+    request_id = f"req-{uuid.uuid4().hex}"
+    with capture_logs(processors=_WITH_CONTEXT) as entries:
+        # What RequestMiddleware binds for a request that sends a task.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            result = outbox_slot_check_task.delay()
+        assert result.get(timeout=60)["severity"] == "critical"
+        wait_for(
+            lambda: any(e["event"] == "task_succeeded" for e in entries), what="task_succeeded"
+        )
+    in_task = [e for e in entries if e.get("task_id") == result.id]
+    assert {e["event"] for e in in_task} >= {
+        "task_started",
+        "replication slot critical",
+        "task_succeeded",
+    }
+    for entry in in_task:
+        assert entry["request_id"] == request_id
+        assert entry["task_name"] == "web.outbox.tasks.outbox_slot_check_task"
+
+
 @pytest.fixture
 def sentry_transport():
     """Sentry set up as every process sets it up, with a transport that keeps envelopes."""
@@ -132,7 +198,10 @@ def test_beat_entry_checks_in_to_a_sentry_cron_monitor(
     celery_app.loader.import_default_modules()
     scheduler = Scheduler(app=celery_app, lazy=True)
     scheduler.setup_schedule()
-    scheduler.apply_entry(scheduler.schedule["outbox-slot-check"], producer=None)
+    entry = scheduler.schedule["outbox-slot-check"]
+    # Sentry writes its headers into the entry's options, which are app.conf.beat_schedule's.
+    entry.options = dict(entry.options or {})
+    scheduler.apply_entry(entry, producer=None)
     done = wait_for(
         lambda: [c for c in _check_ins(transport) if c["status"] == "ok"], what="ok check-in"
     )
