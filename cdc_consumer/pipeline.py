@@ -151,7 +151,9 @@ class Pipeline:
             max_bytes=settings.cdc_batch_max_bytes,
             max_seconds=settings.cdc_batch_max_seconds,
         )
-        self._worker = SinkWorker(sink, retry_cap_seconds=settings.cdc_retry_max_seconds)
+        self._worker = SinkWorker(
+            sink, retry_cap_seconds=settings.cdc_retry_max_seconds, slot=settings.cdc_slot
+        )
         self._progress = ProgressRecorder(
             settings.database_url.get_secret_value(), settings.cdc_slot
         )

@@ -1,10 +1,11 @@
-"""cdc_consumer.observability: one logging and Sentry configuration for every process; no line
-carries an event's context or a secret."""
+"""cdc_consumer.observability: one logging and Sentry configuration for every process; the
+consumer's batch lines carry the batch's context and never an event's context or a secret."""
 
 from __future__ import annotations
 
 import io
 import logging
+import uuid
 from typing import Any
 
 import orjson
@@ -20,6 +21,8 @@ from cdc_consumer.observability import (
     logging_dict_config,
     sentry_options,
 )
+from cdc_consumer.pgoutput import str_to_lsn
+from tests.support.fix_consumer import current_wal_lsn, publish_probes
 
 
 def _rendered(emit) -> Any:
@@ -87,3 +90,41 @@ def test_empty_sentry_dsn_is_off_and_the_sample_rate_is_bounded(monkeypatch):
         sentry_options(
             dsn=SecretStr("https://k@s.invalid/1"), environment="t", traces_sample_rate=2
         )
+
+
+@pytest.mark.e2e
+def test_batch_lines_carry_slot_batch_and_positions(make_consumer, clickhouse_server, pg_conn):
+    """The consumer's JSON lines for each batch written carry slot, batch_id, lsn_from, lsn_to
+    and rows; consecutive batches chain their positions; no line holds an event's context or
+    the ClickHouse URL."""
+    # GIVEN a streaming consumer
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.start()
+    environment = f"obs-{uuid.uuid4().hex[:8]}"
+    marker = f"context-{uuid.uuid4().hex}"
+    # WHEN two transactions ship one after the other, the first with a recognisable context
+    pg_conn.execute(
+        "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+        " event_context, metadata_version) SELECT gen_random_uuid(), 'probe', clock_timestamp(),"
+        " %s, jsonb_build_object('secret', %s::text, 'n', g), 1 FROM generate_series(1, 2) g",
+        (environment, marker),
+    )
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    publish_probes(pg_conn, 3, environment)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN each written batch says which it was and where in the WAL it lies
+    written = [e for e in consumer.log_events() if e.get("event") == "batch written"]
+    assert [e["rows"] for e in written] == [2, 3]
+    first, second = written
+    for entry in written:
+        assert entry["slot"] == consumer.slot
+        assert entry["logger"] == "cdc_consumer.delivery"
+        assert str_to_lsn(entry["lsn_to"]) <= consumer.confirmed_lsn()
+    assert first["batch_id"] != second["batch_id"]
+    assert first["batch_id"].split("-")[0] == second["batch_id"].split("-")[0]  # one run
+    assert str_to_lsn(second["lsn_from"]) >= str_to_lsn(first["lsn_to"])
+    assert str_to_lsn(second["lsn_to"]) > str_to_lsn(second["lsn_from"])
+    text = consumer.log_text()
+    assert marker not in text
+    assert clickhouse_server.url not in text
