@@ -20,6 +20,7 @@ personal data (`send_default_pii` off, no request bodies), frame locals, or an e
 from __future__ import annotations
 
 import logging.config
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -79,6 +80,26 @@ def redact_secrets(
     return event_dict
 
 
+# ClickHouse quotes the input it refuses ("Cannot parse JSON object here: {...}", "Duplicate
+# path found ...: a.b"), which is an event's context. A line keeps the head of the message
+# (code and what failed); event_log_dead_letter keeps the whole text beside the row.
+_REJECTED_DATA = "clickhouse rejected the data: "
+_EXCEPTION_HEAD = re.compile(r"(DB::Exception: [^:\n]*)[^\n]*")
+
+
+def redact_rejected_data(
+    _logger: Any, _method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """structlog processor: cut the quoted input out of a ClickHouse data error in `error`."""
+    error = event_dict.get("error")
+    if isinstance(error, str) and _REJECTED_DATA in error:
+        kept = _EXCEPTION_HEAD.sub(rf"\1: {REDACTED}", error)
+        if kept == error:  # no ClickHouse message to keep the head of
+            kept = error[: error.index(_REJECTED_DATA) + len(_REJECTED_DATA)] + REDACTED
+        event_dict["error"] = kept
+    return event_dict
+
+
 # Run on every line, from structlog or from the stdlib (`foreign_pre_chain`).
 SHARED_PROCESSORS: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
@@ -86,6 +107,7 @@ SHARED_PROCESSORS: list[structlog.types.Processor] = [
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
     redact_secrets,
+    redact_rejected_data,
 ]
 
 

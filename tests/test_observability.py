@@ -128,3 +128,27 @@ def test_batch_lines_carry_slot_batch_and_positions(make_consumer, clickhouse_se
     text = consumer.log_text()
     assert marker not in text
     assert clickhouse_server.url not in text
+
+
+@pytest.mark.e2e
+def test_a_rejected_row_s_context_stays_out_of_the_log(make_consumer, clickhouse_server, pg_conn):
+    """ClickHouse quotes the row it refuses; the consumer's lines about it (batch rejected,
+    event dead-lettered) keep the error's head, never the quoted context."""
+    # GIVEN a streaming consumer
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.start()
+    marker = f"m{uuid.uuid4().hex}"
+    # WHEN a row ClickHouse's JSON type refuses ("Duplicate path found ...: <key>") ships
+    pg_conn.execute(
+        "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+        " event_context, metadata_version) VALUES (gen_random_uuid(), 'probe', now(), 'obs',"
+        " jsonb_build_object(%s::text || '.b', 1, %s::text, jsonb_build_object('b', 2)), 1)",
+        (marker, marker),
+    )
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN it is dead-lettered and logged with the error's head, without the context's keys
+    [dead] = [e for e in consumer.log_events() if e.get("event") == "event dead-lettered"]
+    assert "DB::Exception: " in dead["error"]
+    assert dead["error"].endswith(REDACTED)
+    assert marker not in consumer.log_text()
