@@ -15,7 +15,6 @@ import sentry_sdk
 import structlog
 from celery.beat import Scheduler
 from pydantic import SecretStr
-from structlog.testing import capture_logs
 
 from cdc_consumer.observability import configure_sentry, sentry_options
 from tests.support.fix_consumer import wait_for
@@ -26,8 +25,19 @@ from web.outbox.errors import EventPublishError
 from web.outbox.events import Event
 from web.outbox.publish import publish
 
-# What capture_logs keeps of the configured chain: the bound context, as rendering would.
-_WITH_CONTEXT = [structlog.contextvars.merge_contextvars]
+
+@pytest.fixture
+def rendered(caplog):
+    """The JSON lines written while the test runs (every thread's), rendered by the configured
+    formatter. Not capture_logs: a logger cached before a test reconfigured structlog (the
+    consumer CLI's in-process tests) keeps the chain it was built with."""
+    caplog.set_level(logging.INFO)
+    handler = _structlog_handler()
+
+    def lines() -> list[dict[str, Any]]:
+        return [orjson.loads(handler.format(record)) for record in caplog.records]
+
+    return lines
 
 
 def _structlog_handler() -> logging.Handler:
@@ -100,14 +110,15 @@ class ObservabilityProbe(Event):
 
 
 @pytest.mark.django_db
-def test_a_request_s_lines_share_one_request_id(client):
+def test_a_request_s_lines_share_one_request_id(client, rendered, caplog):
     """Every line of one request (middleware, service) carries the same request_id, and the
     next request gets another."""
     body = {"email": f"{uuid.uuid4().hex[:8]}@example.com", "first_name": "A", "last_name": "L"}
-    with capture_logs(processors=_WITH_CONTEXT) as first:
-        assert client.post("/api/users/", body, content_type="application/json").status_code == 201
-    with capture_logs(processors=_WITH_CONTEXT) as second:
-        client.get("/health/")
+    assert client.post("/api/users/", body, content_type="application/json").status_code == 201
+    first = rendered()
+    caplog.clear()
+    client.get("/health/")
+    second = rendered()
     events = [entry["event"] for entry in first]
     assert events[0] == "request_started"
     assert "user created" in events
@@ -120,35 +131,40 @@ def test_a_request_s_lines_share_one_request_id(client):
 
 
 @pytest.mark.django_db
-def test_login_binds_the_user_id_for_the_rest_of_the_request(client, fast_passwords):
+def test_login_binds_the_user_id_for_the_rest_of_the_request(
+    client, fast_passwords, rendered, caplog
+):
     """Once login succeeds, the request's remaining lines carry the user's id."""
     user = user_create(
         email=f"{uuid.uuid4().hex[:8]}@example.com", first_name="A", last_name="L", password="pw"
     )
     body = {"username": user.email, "password": "pw"}
-    with capture_logs(processors=_WITH_CONTEXT) as entries:
-        assert client.post("/api/login/", body, content_type="application/json").status_code == 200
+    caplog.clear()
+    assert client.post("/api/login/", body, content_type="application/json").status_code == 200
+    entries = rendered()
     [finished] = [entry for entry in entries if entry["event"] == "request_finished"]
     assert finished["user_id"] == user.pk
     assert "password" not in str(entries)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_task_lines_carry_the_request_id_that_enqueued_it(celery_worker, settings):
+def test_task_lines_carry_the_request_id_that_enqueued_it(celery_worker, settings, rendered):
     """A task sent while a request's context is bound runs on the real worker with that
     request_id, its own task_id and its task_name on every line it writes."""
     from web.outbox.tasks import outbox_slot_check_task
 
     settings.CDC_SLOT = "no_such_slot"  # critical: a line at once, no consumer needed
     request_id = f"req-{uuid.uuid4().hex}"
-    with capture_logs(processors=_WITH_CONTEXT) as entries:
-        # What RequestMiddleware binds for a request that sends a task.
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            result = outbox_slot_check_task.delay()
-        assert result.get(timeout=60)["severity"] == "critical"
-        wait_for(
-            lambda: any(e["event"] == "task_succeeded" for e in entries), what="task_succeeded"
-        )
+    # What RequestMiddleware binds for a request that sends a task.
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        result = outbox_slot_check_task.delay()
+    assert result.get(timeout=60)["severity"] == "critical"
+
+    def finished() -> list[dict[str, Any]] | None:
+        lines = rendered()
+        return lines if any(e["event"] == "task_succeeded" for e in lines) else None
+
+    entries = wait_for(finished, what="task_succeeded")
     in_task = [e for e in entries if e.get("task_id") == result.id]
     assert {e["event"] for e in in_task} >= {
         "task_started",
