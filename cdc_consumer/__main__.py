@@ -20,7 +20,7 @@ from cdc_consumer import backfill, clickhouse, postgres, provisioning, verify
 from cdc_consumer.clickhouse_sink import ClickHouseSink
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.metrics import OFF, Metrics, PrometheusMetrics
-from cdc_consumer.observability import configure_logging, configure_sentry
+from cdc_consumer.observability import configure_logging, configure_sentry, logging_dict_config
 from cdc_consumer.pipeline import Pipeline, StopRequest
 from cdc_consumer.progress import REFRESH_SECONDS
 from cdc_consumer.replication import ReplicationStream
@@ -221,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         # (verify's 1 means it found events missing or doubled).
         print(exc.code, file=sys.stderr)
         return 2
-    configure_logging(settings)
-    configure_sentry(settings)
+    configure_logging(logging_dict_config(level=settings.log_level, log_format=settings.log_format))
+    configure_sentry(
+        dsn=settings.sentry_dsn,
+        environment=settings.environment,
+        traces_sample_rate=settings.sentry_traces_sample_rate,
+    )
     try:
         return COMMANDS[args.command](settings, args)
     except PipelineError as exc:

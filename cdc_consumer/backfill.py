@@ -167,7 +167,7 @@ def _ship(
     # A consumer run that lost the slot may still have an insert executing: let it end before
     # the presence check reads what is there, or its rows would be shipped a second time.
     sink.fence_earlier_runs()
-    worker = SinkWorker(sink, retry_cap_seconds=30.0)
+    worker = SinkWorker(sink, retry_cap_seconds=30.0, slot=settings.cdc_slot)
     read = skipped = unknown = 0
     try:
         with postgres.connect(url) as conn:

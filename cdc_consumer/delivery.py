@@ -17,6 +17,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import structlog
@@ -24,6 +25,7 @@ import structlog
 from cdc_consumer.batch import Batch
 from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.metrics import OFF, Metrics
+from cdc_consumer.pgoutput import lsn_to_str
 from cdc_consumer.sink import EventSink
 
 log = structlog.get_logger(__name__)
@@ -39,6 +41,34 @@ def backoff_delay(attempt: int, cap: float) -> float:
     return random.uniform(0, min(cap, _BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)))  # noqa: S311
 
 
+class _BatchLogContext:
+    """What every line the sink worker writes about a batch carries: `slot`, `batch_id` (this
+    run's prefix and the batch's number), `lsn_from` (the position the batch before it
+    completed; null for a run's first), `lsn_to` (the one it completes; null when it ends
+    inside a transaction split across batches) and `rows`. Bound with structlog's contextvars
+    on the worker's thread, so a line's own `rows` (a half being retried) wins."""
+
+    def __init__(self, slot: str | None) -> None:
+        self._slot = slot
+        self._run = uuid.uuid4().hex[:8]
+        self._seq = 0
+        self._lsn: int | None = None
+
+    def next(self, batch: Batch) -> dict[str, object]:
+        self._seq += 1
+        context: dict[str, object] = {
+            "batch_id": f"{self._run}-{self._seq}",
+            "lsn_from": None if self._lsn is None else lsn_to_str(self._lsn),
+            "lsn_to": None if batch.confirm_lsn is None else lsn_to_str(batch.confirm_lsn),
+            "rows": len(batch.rows),
+        }
+        if self._slot is not None:
+            context["slot"] = self._slot
+        if batch.confirm_lsn is not None:
+            self._lsn = batch.confirm_lsn
+        return context
+
+
 class SinkWorker:
     """Owns the sink. `durable_lsn` only ever holds positions whose rows the sink has accepted.
 
@@ -47,11 +77,17 @@ class SinkWorker:
     """
 
     def __init__(
-        self, sink: EventSink, *, retry_cap_seconds: float, metrics: Metrics = OFF
+        self,
+        sink: EventSink,
+        *,
+        retry_cap_seconds: float,
+        metrics: Metrics = OFF,
+        slot: str | None = None,
     ) -> None:
         self._sink = sink
         self._metrics = metrics
         self._retry_cap = retry_cap_seconds
+        self._log_context = _BatchLogContext(slot)
         self._queue: queue.Queue[tuple[int, Batch] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._abort = threading.Event()
         self._wake = threading.Event()  # interrupts a backoff: abort or abandon
@@ -152,8 +188,9 @@ class SinkWorker:
                 self._wake.clear()  # before the check: an abandon after it wakes the backoff
                 if not self._current(generation):
                     continue
-                if batch.rows and not self._deliver(batch.rows, generation):
-                    continue
+                with structlog.contextvars.bound_contextvars(**self._log_context.next(batch)):
+                    if batch.rows and not self._deliver(batch.rows, generation):
+                        continue
                 self.batches_written += 1
                 self._metrics.batch_written(batch)
                 with self._lock:

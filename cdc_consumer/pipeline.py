@@ -160,7 +160,10 @@ class Pipeline:
             max_seconds=settings.cdc_batch_max_seconds,
         )
         self._worker = SinkWorker(
-            sink, retry_cap_seconds=settings.cdc_retry_max_seconds, metrics=metrics
+            sink,
+            retry_cap_seconds=settings.cdc_retry_max_seconds,
+            metrics=metrics,
+            slot=settings.cdc_slot,
         )
         self._progress = ProgressRecorder(
             settings.database_url.get_secret_value(), settings.cdc_slot, metrics=metrics

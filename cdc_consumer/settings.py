@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdc_consumer.clickhouse_cluster import InsertQuorum
+from cdc_consumer.observability import ObservabilitySettings
 from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.status import SlotThresholds
 
@@ -154,15 +155,12 @@ class SlotCheckSettings(BaseSettings):
         )
 
 
-class ConsumerSettings(SlotCheckSettings):
-    """Everything the consumer can be told. Defaults are production-sane; see .env.example."""
+class ConsumerSettings(SlotCheckSettings, ObservabilitySettings):
+    """Everything the consumer can be told. Defaults are production-sane; see .env.example.
+    Logging and Sentry variables are ObservabilitySettings', shared with the web app."""
 
     database_url: Annotated[SecretStr, AfterValidator(postgres_url)]
     clickhouse_url: Annotated[SecretStr, AfterValidator(_clickhouse_url)]
-    sentry_dsn: SecretStr | None = None
-    environment: str = "development"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "console"] = "json"
 
     cdc_publication: Identifier = "event_outbox_pub"
     # PostgreSQL 17+: create the slot as a failover slot, which a standby with

@@ -5,6 +5,11 @@
 
 The broker is CELERY_BROKER_URL (Redis). Tasks live in `web.outbox.tasks` and are thin: each
 calls one plain function that also runs from a management command and from a test.
+
+Logs: django-structlog's worker step binds each task's `task_id` and the context of whoever sent
+it (a request's `request_id` and `user_id`, a parent task's id as `parent_task_id`), carried in
+the task's headers; `task_name` is bound below. Every line the task writes carries them.
+Sentry: the worker and Beat initialise it at start, with every Beat entry a cron monitor.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import os
 from datetime import timedelta
 from typing import Any
 
+import structlog
 from celery import Celery
 from celery.signals import beat_init, worker_init
+from django.dispatch import receiver
+from django_structlog.celery.signals import bind_extra_task_metadata
+from django_structlog.celery.steps import DjangoStructLogInitStep
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "web.settings")
 
 app = Celery("web")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["web.outbox"])
+app.steps["worker"].add(DjangoStructLogInitStep)
 
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
@@ -53,16 +63,16 @@ def _install_schedule(sender: Celery, **_kwargs: Any) -> None:
     sender.conf.beat_schedule = beat_schedule()
 
 
+@receiver(bind_extra_task_metadata)
+def _bind_task_name(task: Any, **_kwargs: Any) -> None:
+    """Every line of a task carries its name (django-structlog binds only `task_id`)."""
+    structlog.contextvars.bind_contextvars(task_name=task.name)
+
+
 @worker_init.connect
 @beat_init.connect
 def _init_sentry(**_kwargs: Any) -> None:
     """Sentry in the worker and Beat processes (the web process does it in web.wsgi)."""
-    from django.conf import settings  # noqa: PLC0415
+    from web.observability import configure_web_sentry  # noqa: PLC0415
 
-    from web.observability import configure_sentry  # noqa: PLC0415
-
-    configure_sentry(
-        dsn=settings.SENTRY_DSN,
-        environment=settings.ENVIRONMENT,
-        traces_sample_rate=settings.SENTRY_TRACES_SAMPLE_RATE,
-    )
+    configure_web_sentry()

@@ -8,7 +8,7 @@ entry points do that. A missing or malformed variable stops the process with one
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -25,6 +25,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 # Django), so both processes judge and report configuration the same way.
 # The slot and its thresholds (SlotCheckSettings) are shared too: `python -m cdc_consumer status`
 # and GET /health/outbox judge the slot by the same variables.
+from cdc_consumer.observability import ObservabilitySettings
 from cdc_consumer.settings import (
     SlotCheckSettings,
     describe_invalid_settings,
@@ -44,25 +45,20 @@ def _comma_list(value: object) -> object:
     return value
 
 
-class WebSettings(SlotCheckSettings):
+class WebSettings(SlotCheckSettings, ObservabilitySettings):
     """Everything the web process (and its Celery worker and Beat) can be told. Defaults are
-    production-sane; see .env.example."""
+    production-sane; see .env.example. Logging and Sentry variables are ObservabilitySettings',
+    shared with the consumer."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     database_url: Annotated[SecretStr, AfterValidator(postgres_url)]
-    environment: str = Field(default="development", min_length=1)
     # Declared before the secret key: its validator reads the already-validated debug flag.
     django_debug: bool = False
     django_secret_key: SecretStr = Field(default=SecretStr(""), validate_default=True)
     django_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1"]
     )
-    sentry_dsn: SecretStr | None = None
-    # Share of requests traced as Sentry transactions; 0 sends errors only.
-    sentry_traces_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "console"] = "json"
     # Upper bound on one event's serialised context. Contexts are audit facts, not documents;
     # the row also travels through the WAL and one ClickHouse batch.
     outbox_max_context_bytes: int = Field(default=65_536, gt=0, le=256 * 1024 * 1024)

@@ -26,11 +26,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "django_structlog",
     "web.outbox",
     "web.accounts",
 ]
 # A JSON API without sessions or templates: no session, auth or message middleware.
 MIDDLEWARE = [
+    # First, so every line of the request (the other middleware's too) carries its request_id.
+    "django_structlog.middlewares.RequestMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -44,8 +47,14 @@ TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en-us"
 USE_I18N = False
 
-LOGGING_CONFIG = "web.observability.configure_logging"
+LOGGING_CONFIG = "cdc_consumer.observability.configure_logging"  # the one structlog set-up
 LOGGING = logging_dict_config(level=_web.log_level, log_format=_web.log_format)
+
+# django-structlog: request_id (and user_id when known) on every line of a request, carried
+# into the Celery tasks it sends (task_id, task_name there; web.celery). No client IP: it is
+# personal data, and the login audit event already records it where it is needed.
+DJANGO_STRUCTLOG_CELERY_ENABLED = True
+DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = False
 
 # Project settings, read by our code through django.conf.settings (tests override them there).
 ENVIRONMENT = _web.environment  # written into every outbox row; also Sentry's environment

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import os
 
-from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 
-from web.observability import configure_sentry
+from web.observability import configure_web_sentry
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "web.settings")
 
 # Before the handler is built, so Sentry's Django integration wraps the middleware it loads.
-configure_sentry(
-    dsn=settings.SENTRY_DSN,
-    environment=settings.ENVIRONMENT,
-    traces_sample_rate=settings.SENTRY_TRACES_SAMPLE_RATE,
-)
+configure_web_sentry()
 application = get_wsgi_application()

@@ -31,13 +31,16 @@ def fast_passwords(settings):
 
 
 class CapturingTransport(Transport):
-    """Sentry's edge of the process: keeps events and transactions instead of sending them."""
+    """Sentry's edge of the process: keeps events and transactions instead of sending them,
+    and every envelope (check-ins too) as sent."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         self.events: list[Any] = []
+        self.envelopes: list[Envelope] = []
 
     def capture_envelope(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
         event = envelope.get_event() or envelope.get_transaction_event()
         if event is not None:
             self.events.append(event)

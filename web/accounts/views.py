@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import pydantic
+import structlog
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -84,6 +85,9 @@ def user_login_api(request: HttpRequest) -> JsonResponse:
         )
     except InvalidCredentialsError:
         return JsonResponse({"error": "invalid credentials"}, status=401)
+    # The caller is now known: the request's remaining lines (request_finished) carry it.
+    # There is no session middleware, hence no request.user for django-structlog to read.
+    structlog.contextvars.bind_contextvars(user_id=user.pk)
     return JsonResponse({"id": user.pk})
 
 
