@@ -56,5 +56,6 @@ def configure_sentry(settings: ConsumerSettings) -> None:
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
         environment=settings.environment,
+        traces_sample_rate=settings.sentry_traces_sample_rate,
         send_default_pii=False,
     )

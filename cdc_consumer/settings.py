@@ -145,6 +145,8 @@ class ConsumerSettings(SlotCheckSettings):
     database_url: Annotated[SecretStr, AfterValidator(postgres_url)]
     clickhouse_url: Annotated[SecretStr, AfterValidator(_clickhouse_url)]
     sentry_dsn: SecretStr | None = None
+    # Share of batches traced as Sentry transactions (cdc_consumer/tracing.py); 0 sends errors only.
+    sentry_traces_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     environment: str = "development"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
