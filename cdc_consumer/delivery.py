@@ -24,6 +24,7 @@ import structlog
 from cdc_consumer.batch import Batch
 from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.sink import EventSink
+from cdc_consumer.tracing import BatchTracer
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +46,11 @@ class SinkWorker:
     interrupts the backoff at once instead of after the longest wait.
     """
 
-    def __init__(self, sink: EventSink, *, retry_cap_seconds: float) -> None:
+    def __init__(
+        self, sink: EventSink, *, retry_cap_seconds: float, tracer: BatchTracer | None = None
+    ) -> None:
         self._sink = sink
+        self._tracer = tracer or BatchTracer()  # spans of sampled batches; off by default
         self._retry_cap = retry_cap_seconds
         self._queue: queue.Queue[tuple[int, Batch] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._abort = threading.Event()
@@ -148,6 +152,7 @@ class SinkWorker:
                 self._wake.clear()  # before the check: an abandon after it wakes the backoff
                 if not self._current(generation):
                     continue
+                self._tracer.writing(batch)
                 if batch.rows and not self._deliver(batch.rows, generation):
                     continue
                 self.batches_written += 1
@@ -158,6 +163,7 @@ class SinkWorker:
                         self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
                     if batch.commit_time is not None:
                         self._durable_commit_time = batch.commit_time
+                self._tracer.durable(batch)
                 self._progress.set()
             finally:
                 self._queue.task_done()
@@ -260,6 +266,7 @@ class SinkWorker:
     ) -> bool:
         """Run `write` until it succeeds, backing off on failures the policy retries; any other
         failure is raised to the caller. False if aborted or abandoned."""
+        write = self._tracer.traced(write, what=what, rows=len(rows))
         attempt = 0
         while self._current(generation):
             attempt += 1
