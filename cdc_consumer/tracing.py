@@ -127,7 +127,7 @@ class _TracedEncoder(EventLogEncoder):
 
     def encode(self, values: Sequence[object], position: SourcePosition) -> bytes:
         self._note(values[self._trace_column])
-        return super().encode(values, position)
+        return EventLogEncoder.encode(self, values, position)
 
 
 @dataclass(eq=False)
