@@ -200,6 +200,34 @@ def test_batches_are_sampled_by_sentry_traces_sample_rate(
     _assert_no_event_context(sentry_ingest, marker)
 
 
+@pytest.mark.e2e
+def test_batch_left_to_the_slot_at_a_stop_ends_abandoned(
+    make_consumer, clickhouse_faults, pg_conn, sentry_ingest
+):
+    """A batch whose insert ClickHouse holds past the stop's grace is not confirmed: its
+    transaction ends aborted, tagged abandoned, without a confirm span (nor the insert, which
+    never ended)."""
+    # GIVEN a traced consumer with a short grace, and an insert ClickHouse does not answer
+    consumer = _traced_consumer(
+        make_consumer, clickhouse_faults, sentry_ingest, CDC_SHUTDOWN_GRACE_SECONDS="1"
+    )
+    consumer.start()
+    marker, trace_id = uuid.uuid4().hex, uuid.uuid4().hex
+    clickhouse_faults.hold_inserts()
+    _publish(pg_conn, marker, trace_id, ['{"k": 1}'] * 2)
+    clickhouse_faults.wait_for_held_inserts()
+    # WHEN it is stopped: the grace runs out with the batch unconfirmed
+    assert consumer.stop() == 1
+    # THEN its transaction says so
+    [batch] = _sent_batches(sentry_ingest)
+    assert batch["tags"]["cdc.trace_ids"] == trace_id
+    assert batch["tags"]["cdc.outcome"] == "abandoned"
+    assert batch["contexts"]["trace"]["status"] == "aborted"
+    assert "cdc.confirm" not in _ops(batch)
+    assert _ops(batch)[:2] == ["cdc.decode", "cdc.queue"]
+    _assert_no_event_context(sentry_ingest, marker)
+
+
 def _sent_batches(ingest: SentryIngest) -> list[dict[str, Any]]:
     """The cdc.batch transactions received; the SDK sent them before the consumer exited."""
     wait_for(lambda: ingest.transactions(BATCH_TRANSACTION), timeout=10, what="cdc.batch")
