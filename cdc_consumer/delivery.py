@@ -27,6 +27,7 @@ from cdc_consumer.errors import ErrorKind, PipelineError, Policy, policy_for
 from cdc_consumer.metrics import OFF, Metrics
 from cdc_consumer.pgoutput import lsn_to_str
 from cdc_consumer.sink import EventSink
+from cdc_consumer.tracing import BatchTracer
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +84,11 @@ class SinkWorker:
         retry_cap_seconds: float,
         metrics: Metrics = OFF,
         slot: str | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         self._sink = sink
         self._metrics = metrics
+        self._tracer = tracer or BatchTracer()  # spans of sampled batches; off by default
         self._retry_cap = retry_cap_seconds
         self._log_context = _BatchLogContext(slot)
         self._queue: queue.Queue[tuple[int, Batch] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -189,6 +192,7 @@ class SinkWorker:
                 if not self._current(generation):
                     continue
                 with structlog.contextvars.bound_contextvars(**self._log_context.next(batch)):
+                    self._tracer.writing(batch)
                     if batch.rows and not self._deliver(batch.rows, generation):
                         continue
                 self.batches_written += 1
@@ -200,6 +204,7 @@ class SinkWorker:
                         self._durable_lsn = max(self._durable_lsn, batch.confirm_lsn)
                     if batch.commit_time is not None:
                         self._durable_commit_time = batch.commit_time
+                self._tracer.durable(batch)
                 self._progress.set()
             finally:
                 self._queue.task_done()
@@ -302,6 +307,7 @@ class SinkWorker:
     ) -> bool:
         """Run `write` until it succeeds, backing off on failures the policy retries; any other
         failure is raised to the caller. False if aborted or abandoned."""
+        write = self._tracer.traced(write, what=what, rows=len(rows))
         attempt = 0
         while self._current(generation):
             attempt += 1

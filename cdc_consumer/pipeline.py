@@ -39,6 +39,7 @@ from cdc_consumer.sink import (
     covers,
 )
 from cdc_consumer.timeline import WalHistory
+from cdc_consumer.tracing import BatchTracer
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -159,11 +160,13 @@ class Pipeline:
             max_bytes=settings.cdc_batch_max_bytes,
             max_seconds=settings.cdc_batch_max_seconds,
         )
+        self._tracer = BatchTracer.for_settings(settings)  # a no-op unless Sentry traces
         self._worker = SinkWorker(
             sink,
             retry_cap_seconds=settings.cdc_retry_max_seconds,
             metrics=metrics,
             slot=settings.cdc_slot,
+            tracer=self._tracer,
         )
         self._progress = ProgressRecorder(
             settings.database_url.get_secret_value(), settings.cdc_slot, metrics=metrics
@@ -228,6 +231,7 @@ class Pipeline:
 
     def _stream_once(self) -> None:
         self._builder.discard()  # the slot replays from its confirmed position
+        self._tracer.restart()
         stream = ReplicationStream.connect(
             self._settings.database_url.get_secret_value(),
             self._settings.cdc_slot,
@@ -372,7 +376,7 @@ class Pipeline:
             name = (message.namespace, message.name)
             ours = name == (OUTBOX_SCHEMA, OUTBOX_TABLE)
             s.encoders[message.relation_id] = (
-                EventLogEncoder(message, source=self._settings.source, timeline=s.timeline)
+                self._tracer.encoder(message, source=self._settings.source, timeline=s.timeline)
                 if ours
                 else None
             )
@@ -385,6 +389,7 @@ class Pipeline:
         """Hand a batch to the sink worker, keeping the walsender answered while it is busy;
         once a stop's grace is over, give up (`_GraceOver`)."""
         interval = self._settings.cdc_status_interval_seconds
+        self._tracer.cut(batch)  # its cdc.batch transaction runs from here to its confirm
         while not self._worker.submit(batch, timeout=_POLL_SECONDS):
             self._check_worker()
             self._report(s, due_every=interval)
@@ -401,6 +406,7 @@ class Pipeline:
             s.stream.send_status(flush=target)
             self._confirmed_lsn = s.stream.confirmed
             self._metrics.confirmed(self._confirmed_lsn)
+            self._tracer.confirmed(s.stream.confirmed)
             self._record_progress(s)
 
     def _record_progress(self, s: _Session, *, force: bool = False) -> None:
@@ -462,6 +468,7 @@ class Pipeline:
         at the deadline is not waited for (see `HttpTransport`: the stop never depends on the
         HTTP timeout)."""
         self._worker.stop(abort=True, deadline=self._grace_deadline())
+        self._tracer.abandon()  # batches cut but not confirmed: the slot replays them
         self._progress.close()
         abandoned = self._received_lsn > self._confirmed_lsn
         log.info(
