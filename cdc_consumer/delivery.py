@@ -182,6 +182,23 @@ class SinkWorker:
         return generation == self._generation and not self._refusing and not self._abort.is_set()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:
+            # A failure no policy knows (a bug here, in a library, in an observability hook):
+            # the batch in hand may not have landed, so nothing may be confirmed past it. A
+            # thread that simply ended would look idle and settled, and the next keepalive
+            # would confirm the slot past that batch.
+            log.exception("sink thread failed", error=repr(exc))
+            self._fatal = PipelineError(
+                ErrorKind.INTERNAL,
+                f"the sink thread failed: {exc!r}",
+                hint="a bug, not an outage: the consumer stops without confirming what the"
+                " thread held, and the restart replays it from the slot's confirmed position",
+            )
+            self._abort.set()
+
+    def _serve(self) -> None:
         while True:
             item = self._queue.get()
             try:

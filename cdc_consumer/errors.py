@@ -18,6 +18,7 @@ class ErrorKind(enum.Enum):
     BATCH_TOO_LARGE = "batch_too_large"  # an insert over a server or proxy limit on its size
     CONFIGURATION = "configuration"  # wrong settings, missing publication, wrong schema
     SUPERSEDED = "superseded"  # a newer run of this source owns the slot and fenced this one
+    INTERNAL = "internal"  # a failure no policy knows (a bug): nothing after it is trusted
 
 
 class Policy(enum.Enum):
@@ -41,6 +42,8 @@ _POLICY = {
     ErrorKind.BATCH_TOO_LARGE: Policy.SPLIT,
     ErrorKind.CONFIGURATION: Policy.STOP,
     ErrorKind.SUPERSEDED: Policy.RECONNECT,
+    # Stop before confirming anything more; the restart replays from the confirmed position.
+    ErrorKind.INTERNAL: Policy.STOP,
 }
 
 

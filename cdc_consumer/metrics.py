@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from cdc_consumer.batch import Batch
 from cdc_consumer.errors import ErrorKind
+from cdc_consumer.observability import never_raises
 
 # pgoutput times are microseconds since 2000-01-01 UTC; this is that instant in Unix seconds.
 _PG_EPOCH_UNIX = 946_684_800.0
@@ -184,6 +185,7 @@ class PrometheusMetrics(Metrics):
         disable_created_metrics()  # type: ignore[no-untyped-call]
         start_http_server(port, addr=address, registry=self.registry)
 
+    @never_raises
     def batch_written(self, batch: Batch) -> None:
         if not batch.rows:
             return
@@ -196,23 +198,28 @@ class PrometheusMetrics(Metrics):
             (max(0.0, now - commit_time / 1e6), rows) for commit_time, rows in batch.commits
         )
 
+    @never_raises
     def written(self, what: str, *, rows: int, nbytes: int, seconds: float) -> None:
         table = _TABLES.get(what, "event_log")
         (self._shipped if table == "event_log" else self._dead_lettered).inc(rows)
         self._insert_seconds.labels(table=table).observe(seconds)
 
+    @never_raises
     def retried(self, kind: ErrorKind) -> None:
         self._retries.labels(kind=kind.value).inc()
 
+    @never_raises
     def confirmed(self, lsn: int) -> None:
         if lsn > self._lsn:
             self._lsn = lsn
             self._moved_at = time.monotonic()
             self._confirmed_lsn.set(lsn)
 
+    @never_raises
     def lag(self, nbytes: int) -> None:
         self._lag_bytes.set(nbytes)
 
+    @never_raises
     def streaming(self, active: bool) -> None:
         self._streaming.set(1 if active else 0)
 

@@ -19,10 +19,12 @@ personal data (`send_default_pii` off, no request bodies), frame locals, or an e
 
 from __future__ import annotations
 
+import functools
 import logging.config
 import re
-from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import sentry_sdk
 import structlog
@@ -229,3 +231,29 @@ def configure_sentry(
         )
     )
     return True
+
+
+_F = TypeVar("_F", bound=Callable[..., None])
+_HOOK_LOG_EVERY_SECONDS = 60.0
+_hook_logged_at: dict[str, float] = {}
+
+
+def never_raises(hook: _F) -> _F:
+    """For a metrics or tracing hook on the delivery path: a failure in it is logged (at most
+    once a minute per hook) and swallowed. Observability must never stop, or change, what is
+    delivered and confirmed."""
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            hook(*args, **kwargs)
+        except Exception as exc:
+            now = time.monotonic()
+            name = hook.__qualname__
+            if now - _hook_logged_at.get(name, -_HOOK_LOG_EVERY_SECONDS) >= _HOOK_LOG_EVERY_SECONDS:
+                _hook_logged_at[name] = now
+                structlog.get_logger(__name__).warning(
+                    "observability hook failed", hook=name, error=repr(exc)
+                )
+
+    return cast(_F, guarded)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 from cdc_consumer.batch import Batch
 from cdc_consumer.errors import PipelineError
 from cdc_consumer.event_log import EventLogEncoder
+from cdc_consumer.observability import never_raises
 from cdc_consumer.pgoutput import Relation, lsn_to_str
 from cdc_consumer.sink import SourcePosition
 
@@ -166,6 +167,7 @@ class BatchTracer:
             return EventLogEncoder(relation, source=source, timeline=timeline)
         return _TracedEncoder(relation, source=source, timeline=timeline, trace_ids=self._trace_ids)
 
+    @never_raises
     def restart(self) -> None:
         """A new connection: the builder starts empty, and what was pending is abandoned."""
         if not self.active:
@@ -173,6 +175,7 @@ class BatchTracer:
         self._trace_ids = TraceIds()
         self.abandon()
 
+    @never_raises
     def cut(self, batch: Batch) -> None:
         """The batch is cut and about to be handed to the sink worker: start its transaction
         (the sampling decision is made here, once per batch)."""
@@ -211,6 +214,7 @@ class BatchTracer:
             self._pending.append(trace)
             self._by_batch[id(batch)] = trace
 
+    @never_raises
     def confirmed(self, flush_lsn: int) -> None:
         """A status update confirmed the slot at `flush_lsn`: finish every batch it covers
         (with a batch that completes a transaction, the parts of it that came before)."""
@@ -236,6 +240,7 @@ class BatchTracer:
             trace.transaction.set_status("ok")
             trace.transaction.finish(end_timestamp=now)
 
+    @never_raises
     def abandon(self) -> None:
         """Finish what is pending as abandoned (the slot replays its events)."""
         if not self.active:
@@ -256,6 +261,7 @@ class BatchTracer:
 
     # Sink thread.
 
+    @never_raises
     def writing(self, batch: Batch) -> None:
         """The sink thread takes `batch`: its writes are spans of its transaction if sampled."""
         if not self.active:
@@ -273,6 +279,7 @@ class BatchTracer:
             scope.set_context("trace", trace.transaction.get_trace_context())
             trace.queue.finish()
 
+    @never_raises
     def durable(self, batch: Batch) -> None:
         """The sink holds every row of `batch` (in event_log or the dead-letter table)."""
         trace = self._writing
