@@ -177,7 +177,7 @@ class Pipeline:
         # the slot to replay.
         self._received_lsn = 0
         self._confirmed_lsn = 0
-        self._streamed = False  # this connection got as far as streaming
+        self._streaming_since: float | None = None  # when this connection began streaming
 
     def run(self) -> int:
         """Stream until stopped; returns the process exit code: 0 when every commit received
@@ -203,8 +203,15 @@ class Pipeline:
                     )
                     self._worker.stop(abort=True, deadline=self._grace_deadline())
                     return 2
-                if self._streamed:  # a failure after streaming again starts the backoff afresh
-                    attempt, self._streamed = 0, False
+                # A failure after streaming a while starts the backoff afresh; one right after
+                # each START_REPLICATION (a source that flaps) keeps growing it, since every
+                # attempt costs a fence and a restart read.
+                since, self._streaming_since = self._streaming_since, None
+                if (
+                    since is not None
+                    and time.monotonic() - since >= self._settings.cdc_retry_max_seconds
+                ):
+                    attempt = 0
                 attempt += 1
                 self._metrics.retried(exc.kind)
                 delay = backoff_delay(attempt, self._settings.cdc_retry_max_seconds)
@@ -261,7 +268,7 @@ class Pipeline:
                     " and the events this server has at those positions are shipped;"
                     " docs/runbook-failover.md",
                 )
-            self._streamed = True
+            self._streaming_since = time.monotonic()
             log.info(
                 "streaming",
                 slot=self._settings.cdc_slot,
