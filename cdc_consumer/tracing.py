@@ -133,7 +133,11 @@ class _TracedEncoder(EventLogEncoder):
 
 @dataclass(eq=False)
 class _BatchTrace:
-    batch: Batch
+    # Not the batch itself: a sampled part of a huge transaction would keep its rows in memory
+    # until the part completing it is confirmed. Its id is a key only while it is alive, from
+    # its cut until the sink thread takes it (in the queue, referenced there).
+    key: int
+    confirm_lsn: int | None
     transaction: Transaction
     queue: Span
     durable_at: float | None = None
@@ -209,7 +213,7 @@ class BatchTracer:
         decode.set_data("cdc.trace_ids.count", len(ids))
         decode.finish(end_timestamp=now)
         queue = transaction.start_child(op="cdc.queue", name="wait for the sink thread")
-        trace = _BatchTrace(batch, transaction, queue)
+        trace = _BatchTrace(id(batch), batch.confirm_lsn, transaction, queue)
         with self._lock:
             self._pending.append(trace)
             self._by_batch[id(batch)] = trace
@@ -222,7 +226,7 @@ class BatchTracer:
             return
         covered = 0
         for n, trace in enumerate(self._pending):
-            lsn = trace.batch.confirm_lsn
+            lsn = trace.confirm_lsn
             if lsn is not None:
                 if lsn > flush_lsn:
                     break
@@ -256,7 +260,7 @@ class BatchTracer:
         with self._lock:
             taken, self._pending[:count] = self._pending[:count], []
             for trace in taken:
-                self._by_batch.pop(id(trace.batch), None)
+                self._by_batch.pop(trace.key, None)
         return taken
 
     # Sink thread.
@@ -268,7 +272,8 @@ class BatchTracer:
             return
         import sentry_sdk  # noqa: PLC0415
 
-        trace = self._writing = self._by_batch.get(id(batch))
+        with self._lock:  # taken: from here on the batch's id may be reused once it is freed
+            trace = self._writing = self._by_batch.pop(id(batch), None)
         # An error logged on this thread while writing (a dead-lettered event) joins the
         # batch's trace. Through the trace context, not as the active span: that would make
         # the transport's HTTP requests child spans, whose query text names every column.
@@ -283,7 +288,7 @@ class BatchTracer:
     def durable(self, batch: Batch) -> None:
         """The sink holds every row of `batch` (in event_log or the dead-letter table)."""
         trace = self._writing
-        if trace is not None and trace.batch is batch:
+        if trace is not None and trace.key == id(batch):
             trace.durable_at = time.time()
 
     def traced(self, write: Callable[[], None], *, what: str, rows: int) -> Callable[[], None]:
