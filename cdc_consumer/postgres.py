@@ -43,6 +43,12 @@ def _escaped(value: str) -> str:
 CONNECT_TIMEOUT_SECONDS = 10
 
 
+def first_line(exc: BaseException) -> str:
+    """A psycopg error's first line (its message without the DETAIL/HINT lines), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def connect(
     url: str, *, settings: dict[str, str] | None = None, **kwargs: Any
 ) -> psycopg.Connection[Any]:

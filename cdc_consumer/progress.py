@@ -96,7 +96,7 @@ class ProgressRecorder:
             log.warning(
                 "progress not recorded, retrying later",
                 slot=self._slot,
-                error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                error=postgres.first_line(exc),
                 hint="delivery goes on; cdc_progress only feeds pruning and the slot check",
             )
             self.close()

