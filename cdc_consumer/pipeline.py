@@ -51,37 +51,51 @@ _MESSAGES_PER_BURST = 2000
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT. A second signal while stopping exits at once, confirming nothing."""
+    """Set by SIGTERM/SIGINT. A second signal while stopping exits at once, confirming nothing.
+
+    The handler runs between two bytecodes of the main thread, wherever that thread is: inside
+    `threading.Event.wait` holding the very lock `Event.set` takes, or inside a log handler's
+    write. So it only assigns two attributes, and the main thread logs the request the first
+    time it looks (`requested`), and waits by sleeping in short slices."""
+
+    _WAIT_SLICE_SECONDS = 0.05
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._signal: int | None = None
         self._requested_at = 0.0
+        self._logged = False
 
     @property
     def requested(self) -> bool:
-        return self._event.is_set()
-
-    def set(self) -> None:
-        if not self._event.is_set():
-            self._requested_at = time.monotonic()
-        self._event.set()
+        if self._signal is None:
+            return False
+        if not self._logged:
+            self._logged = True
+            log.info("stop requested, flushing", signal=self._signal)
+        return True
 
     def deadline(self, grace: float) -> float:
         """The monotonic time by which the process must have left: `grace` after the request
         (after now, if none was made)."""
-        return (self._requested_at if self.requested else time.monotonic()) + grace
+        return (self._requested_at if self._signal is not None else time.monotonic()) + grace
 
     def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
+        """Sleep until a stop is requested or `timeout` passes; True if one was."""
+        until = time.monotonic() + timeout
+        while not self.requested:
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, self._WAIT_SLICE_SECONDS))
+        return True
 
     def install(self) -> None:
         def handle(signum: int, _frame: FrameType | None) -> None:
-            if self._event.is_set():
-                log.warning("second stop signal, exiting without confirming", signal=signum)
+            if self._signal is not None:
                 signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
-            log.info("stop requested, flushing", signal=signum)
-            self.set()
+                signal.raise_signal(signum)  # the second: gone at once, confirming nothing
+            self._requested_at = time.monotonic()
+            self._signal = signum
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
