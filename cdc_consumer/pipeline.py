@@ -94,6 +94,7 @@ class StopRequest:
             if self._signal is not None:
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)  # the second: gone at once, confirming nothing
+                return  # (only if the signal is blocked: the first request's time stands)
             self._requested_at = time.monotonic()
             self._signal = signum
 

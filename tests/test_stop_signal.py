@@ -3,6 +3,7 @@ thread is, so it may take no lock the main thread could be holding."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -45,3 +46,38 @@ def test_a_stop_signalled_while_the_main_thread_waits_on_it_never_deadlocks():
         pytest.fail("the stop signal's handler deadlocked the main thread")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "left"
+
+
+_ONE_STOP_DURING_A_LONG_WAIT = textwrap.dedent(
+    """
+    import os, signal, threading, time
+    from cdc_consumer.observability import configure_logging, logging_dict_config
+    from cdc_consumer.pipeline import StopRequest
+
+    configure_logging(logging_dict_config(level="info", log_format="json"))
+    stop = StopRequest()
+    stop.install()
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    woke = stop.wait(5)
+    print(woke, round(time.monotonic() - started, 3), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the second: the process goes at once
+    time.sleep(5)
+    print("still here")
+    """
+)
+
+
+def test_a_stop_ends_a_long_wait_at_once_and_a_second_signal_ends_the_process():
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE_STOP_DURING_A_LONG_WAIT],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    woke, waited = done.stdout.split()
+    assert woke == "True"
+    assert float(waited) < 1.0  # the 0.1 s before the signal, and one sleep slice after it
+    assert done.stderr.count('"stop requested, flushing"') == 1
