@@ -38,7 +38,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cdc_consumer.pgoutput import str_to_lsn
-from demo.postgres import DisposablePostgres, _bin_dir
+from demo.postgres import DisposablePostgres, bin_dir
 
 FILL_SQL = """
 DO $$
@@ -184,7 +184,7 @@ def main() -> None:
 
         recv_started = time.perf_counter()
         subprocess.run(
-            [str(_bin_dir() / "pg_recvlogical"), "-d", pg.url, "--slot", "bench_recv", "--start",
+            [str(bin_dir() / "pg_recvlogical"), "-d", pg.url, "--slot", "bench_recv", "--start",
              "-o", "proto_version=1", "-o", "publication_names=event_outbox_pub",
              "--endpos", f"{target >> 32:X}/{target & 0xFFFFFFFF:X}", "-f", "/dev/null"],
             check=True,

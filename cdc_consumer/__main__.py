@@ -70,7 +70,7 @@ def cmd_run(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     stop = StopRequest()
     stop.install()
     metrics = _metrics(settings)
-    transport = _migrate(settings)
+    transport = _checked(settings, slot=True)
     sink = ClickHouseSink(transport, source=settings.source, cluster=settings.clickhouse_cluster)
     try:
         return Pipeline(settings, sink, stop, metrics).run()
@@ -111,7 +111,7 @@ def cmd_health(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
-    transport = _migrate_schemas_only(settings)
+    transport = _checked(settings, slot=False)  # the backfill creates the slot itself
     try:
         result = backfill.backfill(settings, transport, args.since)
     finally:
@@ -142,7 +142,7 @@ def cmd_verify(settings: ConsumerSettings, args: argparse.Namespace) -> int:
 def cmd_adopt(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     """Record the PostgreSQL DATABASE_URL names (its system identifier, database, timeline)
     and CDC_SLOT as this source's, after a major-version upgrade (docs/runbook-failover.md)."""
-    transport = _migrate_schemas_only(settings)
+    transport = _checked(settings, slot=False)
     sink = ClickHouseSink(transport, source=settings.source, cluster=settings.clickhouse_cluster)
     try:
         stream = ReplicationStream.connect(
@@ -161,9 +161,15 @@ def cmd_adopt(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrate_schemas_only(settings: ConsumerSettings) -> clickhouse.ClickHouseTransport:
+def _checked(settings: ConsumerSettings, *, slot: bool) -> clickhouse.ClickHouseTransport:
+    """ClickHouse, once both schemas are found migrated: these commands run with roles that
+    may not migrate (cdc_consumer/roles.py), so they refuse instead, naming `migrate`."""
     transport = _connect(settings)
-    provisioning.migrate_schemas(settings, transport)
+    try:
+        provisioning.check_migrated(settings, transport, slot=slot)
+    except BaseException:
+        transport.close()
+        raise
     return transport
 
 

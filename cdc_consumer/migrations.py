@@ -113,6 +113,34 @@ def migrate_postgres(conn: psycopg.Connection[tuple[object, ...]], directory: Pa
     return applied_names
 
 
+def unapplied_postgres(conn: psycopg.Connection[Any], directory: Path) -> list[str]:
+    """The files of `directory` not applied to this database (all of them if none was);
+    refuses an applied file since edited, as the runner does. Reads only."""
+    exists = conn.execute("SELECT to_regclass('cdc_schema_migrations') IS NOT NULL").fetchone()
+    rows = (
+        conn.execute("SELECT name, checksum FROM cdc_schema_migrations").fetchall()
+        if exists and exists[0]
+        else []
+    )
+    files = pending(migration_files(directory), {str(n): str(c) for n, c in rows})
+    return [file.name for file in files]
+
+
+def unapplied_clickhouse(transport: ClickHouseTransport, directory: Path) -> list[str]:
+    """As `unapplied_postgres`, for ClickHouse's current database."""
+    exists = transport.select(
+        "SELECT count() FROM system.tables"
+        " WHERE database = currentDatabase() AND name = 'cdc_schema_migrations'"
+    )
+    rows = (
+        transport.select("SELECT name, checksum FROM cdc_schema_migrations FINAL")
+        if exists[0][0]
+        else []
+    )
+    files = pending(migration_files(directory), {str(n): str(c) for n, c in rows})
+    return [file.name for file in files]
+
+
 # The runner's own record in ClickHouse, created before any file and rewritten like them.
 CLICKHOUSE_RECORD = MigrationFile(
     "cdc_schema_migrations",

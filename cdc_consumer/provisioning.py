@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from cdc_consumer import migrations, postgres
+from cdc_consumer import migrations, postgres, roles
 from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
 from cdc_consumer.clickhouse_cluster import cluster_statement
 from cdc_consumer.errors import ErrorKind, PipelineError
@@ -37,18 +37,27 @@ log = structlog.get_logger(__name__)
 FSYNC_SETTINGS = ("fsync_after_insert", "fsync_part_directory", "min_rows_to_fsync_after_merge")
 FSYNC_TABLES = (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
 
+_POSTGRES_SQL = migrations.SQL_ROOT / "postgres"
+_CLICKHOUSE_SQL = migrations.SQL_ROOT / "clickhouse"
+
 
 def ensure_publication(
-    conn: psycopg.Connection[Any], name: str, *, ignored: frozenset[tuple[str, str]] = frozenset()
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    ignored: frozenset[tuple[str, str]] = frozenset(),
+    provision: bool = True,
 ) -> None:
     """Create the insert-only publication of the outbox, or check an existing one: it publishes
     inserts only, through the root of a partitioned outbox, and no other table but those the
-    operator listed as `ignored` (CDC_IGNORED_TABLES)."""
+    operator listed as `ignored` (CDC_IGNORED_TABLES). `provision=False` only checks."""
     row = conn.execute(
         "SELECT pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, puballtables"
         " FROM pg_publication WHERE pubname = %s",
         (name,),
     ).fetchone()
+    if row is None and not provision:
+        raise _not_migrated(f"publication {name} does not exist")
     if row is None:
         # Through the root: a partitioned outbox's rows then arrive as the outbox's own, not
         # under each partition's name (which the consumer refuses).
@@ -129,9 +138,15 @@ def check_failover_supported(server_version: int, *, failover: bool) -> None:
 
 
 def ensure_slot(
-    conn: psycopg.Connection[Any], name: str, *, url: str, failover: bool = False
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    url: str,
+    failover: bool = False,
+    provision: bool = True,
 ) -> None:
-    """Create the pgoutput logical slot if it does not exist, as a failover slot when asked.
+    """Create the pgoutput logical slot if it does not exist, as a failover slot when asked
+    (`provision=False`: refuse a missing slot, or one to be made a failover slot, instead).
 
     An existing slot that is not a failover slot while CDC_SLOT_FAILOVER asks for one is
     altered (ALTER_REPLICATION_SLOT, on the replication connection `url` opens): turning it on
@@ -145,6 +160,12 @@ def ensure_slot(
         " active_pid FROM pg_replication_slots s WHERE slot_name = %s",
         (name,),
     ).fetchone()
+    if row is None and not provision:
+        raise _not_migrated(
+            f"replication slot {name} does not exist",
+            also="; if it existed and was lost, the events since are only in the outbox: after"
+            " migrate, `backfill --since` a time before the loss (docs/operations.md)",
+        )
     if row is None:
         if failover:
             conn.execute(
@@ -163,6 +184,8 @@ def ensure_slot(
             hint="choose another CDC_SLOT or drop the slot",
         )
     if failover and not is_failover:
+        if not provision:
+            raise _not_migrated(f"slot {name} is not a failover slot, as CDC_SLOT_FAILOVER asks")
         if holder is not None:
             # ALTER_REPLICATION_SLOT waits, without a bound, for whoever holds the slot.
             raise PipelineError(
@@ -203,7 +226,7 @@ def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> 
         postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn,
         migrations.postgres_lock(conn),
     ):
-        migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
+        migrations.migrate_postgres(conn, _POSTGRES_SQL)
         ensure_publication(conn, settings.cdc_publication, ignored=settings.ignored_tables)
         ensure_slot(
             conn,
@@ -211,20 +234,56 @@ def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> 
             url=settings.database_url.get_secret_value(),
             failover=settings.cdc_slot_failover,
         )
+        roles.ensure_postgres_roles(conn)
     _migrate_clickhouse(settings, clickhouse)
+    roles.ensure_clickhouse_roles(clickhouse, cluster=settings.clickhouse_cluster)
 
 
-def migrate_schemas(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> None:
-    """Apply sql/ to both databases (the backfill creates the slot itself)."""
+def check_migrated(
+    settings: ConsumerSettings, clickhouse: ClickHouseTransport, *, slot: bool = True
+) -> None:
+    """What the commands that use the schema check instead of migrating, so that they run with
+    roles that may not change it (`roles`): every sql/ file applied in both databases, the
+    publication as `migrate` makes it, the slot (`slot`) and the fsync table settings. A
+    CONFIGURATION error names what is missing, with `migrate` as the hint."""
     with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-        migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
-    _migrate_clickhouse(settings, clickhouse)
+        _refuse_unapplied("postgres", migrations.unapplied_postgres(conn, _POSTGRES_SQL))
+        ensure_publication(
+            conn, settings.cdc_publication, ignored=settings.ignored_tables, provision=False
+        )
+        if slot:
+            ensure_slot(
+                conn,
+                settings.cdc_slot,
+                url=settings.database_url.get_secret_value(),
+                failover=settings.cdc_slot_failover,
+                provision=False,
+            )
+    _refuse_unapplied("clickhouse", migrations.unapplied_clickhouse(clickhouse, _CLICKHOUSE_SQL))
+    ensure_fsync(
+        clickhouse,
+        enabled=settings.clickhouse_fsync_after_insert,
+        cluster=settings.clickhouse_cluster,
+        provision=False,
+    )
+
+
+def _refuse_unapplied(database: str, names: list[str]) -> None:
+    if names:
+        raise _not_migrated(f"{database} migrations not applied: {', '.join(names)}")
+
+
+def _not_migrated(what: str, *, also: str = "") -> PipelineError:
+    return PipelineError(
+        ErrorKind.CONFIGURATION,
+        f"the schema is not migrated: {what}",
+        hint="run `python -m cdc_consumer migrate` (as the migrator: docs/operations.md,"
+        f" 'Roles') before this command{also}",
+    )
 
 
 def _migrate_clickhouse(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> None:
-    migrations.migrate_clickhouse(
-        clickhouse, migrations.SQL_ROOT / "clickhouse", cluster=settings.clickhouse_cluster
-    )
+    migrations.migrate_clickhouse(clickhouse, _CLICKHOUSE_SQL, cluster=settings.clickhouse_cluster)
     ensure_fsync(
         clickhouse,
         enabled=settings.clickhouse_fsync_after_insert,
@@ -279,17 +338,26 @@ def clickhouse_ddl(*, cluster: str | None, fsync: bool) -> str:
 
 
 def ensure_fsync(
-    clickhouse: ClickHouseTransport, *, enabled: bool, cluster: str | None = None
+    clickhouse: ClickHouseTransport,
+    *,
+    enabled: bool,
+    cluster: str | None = None,
+    provision: bool = True,
 ) -> None:
-    """Alter only the tables whose fsync settings differ from what the environment asks, so a
-    consumer left at the default needs no ALTER grant to start. On a cluster the host named
-    by CLICKHOUSE_URL is read, and the ALTERs it needs run ON CLUSTER."""
+    """Alter only the tables whose fsync settings differ from what the environment asks (or,
+    `provision=False`, refuse them). On a cluster the host named by CLICKHOUSE_URL is read,
+    and the ALTERs it needs run ON CLUSTER."""
     names = ", ".join(quote_string(table) for table in FSYNC_TABLES)
     rows = clickhouse.select(
         "SELECT name, create_table_query FROM system.tables"
         f" WHERE database = currentDatabase() AND name IN ({names})"
     )
     tables = tables_off_fsync_target({str(n): str(ddl) for n, ddl in rows}, enabled=enabled)
+    if tables and not provision:
+        raise _not_migrated(
+            f"the fsync settings of {', '.join(tables)} are not what"
+            f" CLICKHOUSE_FSYNC_AFTER_INSERT={str(enabled).lower()} asks"
+        )
     for statement in fsync_statements(enabled=enabled, cluster=cluster, tables=tables):
         clickhouse.command(statement)
     log.info("clickhouse fsync after insert", enabled=enabled, altered=tables)

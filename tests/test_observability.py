@@ -99,6 +99,7 @@ def test_batch_lines_carry_slot_batch_and_positions(make_consumer, clickhouse_se
     the ClickHouse URL."""
     # GIVEN a streaming consumer
     consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
     consumer.start()
     environment = f"obs-{uuid.uuid4().hex[:8]}"
     marker = f"context-{uuid.uuid4().hex}"
@@ -136,6 +137,7 @@ def test_a_rejected_row_s_context_stays_out_of_the_log(make_consumer, clickhouse
     event dead-lettered) keep the error's head, never the quoted context."""
     # GIVEN a streaming consumer
     consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
     consumer.start()
     marker = f"m{uuid.uuid4().hex}"
     # WHEN a row ClickHouse's JSON type refuses ("Duplicate path found ...: <key>") ships

@@ -73,6 +73,7 @@ def test_slot_held_by_a_consumer_is_not_altered_but_refused(
     would)."""
     # GIVEN a consumer streaming a slot made without failover
     consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
     consumer.start()
     # WHEN migrate runs with CDC_SLOT_FAILOVER=true beside it
     result = consumer.cli("migrate", env={**consumer.env, "CDC_SLOT_FAILOVER": "true"}, timeout=30)

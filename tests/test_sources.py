@@ -134,6 +134,7 @@ def test_source_moved_to_an_upgraded_server_is_adopted_only_past_its_positions(
     environment = f"adopt-{uuid.uuid4().hex[:12]}"
     # GIVEN a source that shipped events, recorded as read from another (the old) system
     consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
     consumer.start()
     shipped = publish_probes(pg_conn, 3, environment)
     consumer.wait_confirmed(current_wal_lsn(pg_conn))
