@@ -147,6 +147,7 @@ def _postgres_grants(web_app_tables: list[str]) -> list[sql.Composed]:
 def clickhouse_role_statements(database: str, *, cluster: str | None = None) -> list[str]:
     """The statements that create the ClickHouse roles and grant them on `database`."""
     where = f" {on_cluster(cluster)}" if cluster else ""
+    db = "`" + database.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
     def grant(privileges: str, target: str, role: str) -> str:
         return f"GRANT{where} {privileges} ON {target} TO {role}"
@@ -156,14 +157,14 @@ def clickhouse_role_statements(database: str, *, cluster: str | None = None) -> 
     # says so, with the REVOKE to run.
     statements = [f"CREATE ROLE IF NOT EXISTS {role}{where}" for role in CLICKHOUSE_ROLES]
     for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE, RUNS_TABLE, SOURCES_TABLE):
-        statements.append(grant("INSERT, SELECT", f"{database}.{table}", WRITER_ROLE))
+        statements.append(grant("INSERT, SELECT", f"{db}.{table}", WRITER_ROLE))
     statements += [
-        grant("SELECT", f"{database}.{MIGRATIONS_TABLE}", WRITER_ROLE),
+        grant("SELECT", f"{db}.{MIGRATIONS_TABLE}", WRITER_ROLE),
         grant("KILL QUERY", "*.*", WRITER_ROLE),
         grant("CREATE TEMPORARY TABLE", "*.*", WRITER_ROLE),
     ]
     for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE):
-        statements.append(grant("SELECT", f"{database}.{table}", ANALYST_ROLE))
+        statements.append(grant("SELECT", f"{db}.{table}", ANALYST_ROLE))
     return statements
 
 
