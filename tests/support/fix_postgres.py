@@ -7,6 +7,8 @@ names an external server instead (CI with service containers, a developer's own 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -67,12 +69,53 @@ def postgres_url() -> str:
     return os.environ["DATABASE_URL"]
 
 
+class ContainerPostgres:
+    """The external server of `TEST_DATABASE_URL` when it runs in the Docker container
+    `TEST_POSTGRES_CONTAINER` names (CI's service container, whose host port stays bound across
+    restarts): stopped and started through the docker CLI, as `DisposablePostgres` is through
+    pg_ctl."""
+
+    def __init__(self, container: str, url: str) -> None:
+        self.container = container
+        self.url = url
+
+    def stop(self, mode: str = "fast") -> None:
+        # PostgreSQL's own signals: SIGTERM is a fast shutdown, SIGQUIT an immediate one (a
+        # crash, as far as the WAL is concerned).
+        signal = {"fast": "TERM", "immediate": "QUIT"}[mode]
+        self._docker("kill", "--signal", signal, self.container)
+        self._docker("wait", self.container)
+
+    def start(self) -> None:
+        self._docker("start", self.container)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    @staticmethod
+    def _docker(*args: str) -> None:
+        subprocess.run(["docker", *args], check=True, capture_output=True, timeout=120)
+
+
 @pytest.fixture(scope="session")
-def postgres_server() -> DisposablePostgres:
-    """The disposable server itself, for tests that stop and start it."""
-    if _SERVER is None:
-        pytest.skip("TEST_DATABASE_URL names an external server this test cannot restart")
-    return _SERVER
+def postgres_server() -> DisposablePostgres | ContainerPostgres:
+    """The server itself, for tests that stop and start it: the disposable one, or the
+    container `TEST_POSTGRES_CONTAINER` names."""
+    if _SERVER is not None:
+        return _SERVER
+    container = os.environ.get("TEST_POSTGRES_CONTAINER")
+    if container and os.environ.get("TEST_DATABASE_URL"):
+        return ContainerPostgres(container, os.environ["TEST_DATABASE_URL"])
+    pytest.skip(
+        "this server cannot be restarted by the test: set TEST_POSTGRES_CONTAINER to the"
+        " container running TEST_DATABASE_URL's server"
+    )
 
 
 @pytest.fixture
