@@ -360,4 +360,5 @@ def ensure_fsync(
         )
     for statement in fsync_statements(enabled=enabled, cluster=cluster, tables=tables):
         clickhouse.command(statement)
-    log.info("clickhouse fsync after insert", enabled=enabled, altered=tables)
+    if provision:
+        log.info("clickhouse fsync after insert", enabled=enabled, altered=tables)
