@@ -180,7 +180,7 @@ def migrate_clickhouse(
     # Every file is rewritten before anything runs, so a statement the cluster rewrite refuses
     # stops the runner before it has changed any host.
     statements = {f.name: clickhouse_statements(f, cluster=cluster) for f in files}
-    _refuse_other_topology(transport, cluster)
+    refuse_other_topology(transport, cluster)
     for statement in clickhouse_statements(CLICKHOUSE_RECORD, cluster=cluster):
         transport.command(statement)
     rows = transport.select("SELECT name, checksum FROM cdc_schema_migrations FINAL")
@@ -197,7 +197,10 @@ def migrate_clickhouse(
     return applied_names
 
 
-def _refuse_other_topology(transport: ClickHouseTransport, cluster: str | None) -> None:
+def refuse_other_topology(transport: ClickHouseTransport, cluster: str | None) -> None:
+    """Refuse a database migrated for the other topology (one server, or a cluster) than
+    CLICKHOUSE_CLUSTER says: migrating on would mix the two, and a consumer's fence would miss
+    the other hosts."""
     # A database migrated for one server holds tables that are not replicated (and the other
     # way round); applying the remaining files for the other topology would mix the two.
     rows = transport.select(

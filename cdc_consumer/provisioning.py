@@ -161,10 +161,14 @@ def ensure_slot(
         (name,),
     ).fetchone()
     if row is None and not provision:
-        raise _not_migrated(
+        raise PipelineError(
+            ErrorKind.CONFIGURATION,
             f"replication slot {name} does not exist",
-            also="; if it existed and was lost, the events since are only in the outbox: after"
-            " migrate, `backfill --since` a time before the loss (docs/operations.md)",
+            hint="a new deployment: run `python -m cdc_consumer migrate`, which creates it; a"
+            " slot that existed and was lost or dropped: the events since are only in the"
+            " outbox, so run `python -m cdc_consumer backfill --since <a time before it went>`"
+            " instead, which recreates the slot and ships them (a slot migrate made would"
+            " start after them); docs/operations.md, 'The slot is lost'",
         )
     if row is None:
         if failover:
@@ -247,7 +251,16 @@ def check_migrated(
     publication as `migrate` makes it, the slot (`slot`) and the fsync table settings. A
     CONFIGURATION error names what is missing, with `migrate` as the hint."""
     with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-        _refuse_unapplied("postgres", migrations.unapplied_postgres(conn, _POSTGRES_SQL))
+        try:
+            unapplied = migrations.unapplied_postgres(conn, _POSTGRES_SQL)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"this role may not read what is migrated: {postgres.first_line(exc)}",
+                hint="run `python -m cdc_consumer migrate`, which grants outbox_consumer, and"
+                " make this login role a member of it (docs/operations.md, 'Roles')",
+            ) from exc
+        _refuse_unapplied("postgres", unapplied)
         ensure_publication(
             conn, settings.cdc_publication, ignored=settings.ignored_tables, provision=False
         )
@@ -259,7 +272,18 @@ def check_migrated(
                 failover=settings.cdc_slot_failover,
                 provision=False,
             )
-    _refuse_unapplied("clickhouse", migrations.unapplied_clickhouse(clickhouse, _CLICKHOUSE_SQL))
+    migrations.refuse_other_topology(clickhouse, settings.clickhouse_cluster)
+    _refuse_unapplied(
+        "clickhouse",
+        migrations.unapplied_clickhouse(clickhouse, _CLICKHOUSE_SQL),
+        also="; a user without grants on the tables sees none of them (outbox_writer)"
+        + (
+            "; on a cluster the record is per shard: run migrate with CLICKHOUSE_URL naming a"
+            " host of this one"
+            if settings.clickhouse_cluster
+            else ""
+        ),
+    )
     ensure_fsync(
         clickhouse,
         enabled=settings.clickhouse_fsync_after_insert,
@@ -268,9 +292,9 @@ def check_migrated(
     )
 
 
-def _refuse_unapplied(database: str, names: list[str]) -> None:
+def _refuse_unapplied(database: str, names: list[str], *, also: str = "") -> None:
     if names:
-        raise _not_migrated(f"{database} migrations not applied: {', '.join(names)}")
+        raise _not_migrated(f"{database} migrations not applied: {', '.join(names)}", also=also)
 
 
 def _not_migrated(what: str, *, also: str = "") -> PipelineError:

@@ -2,7 +2,7 @@
 
 They are group roles that cannot log in; the login roles the processes use are a DBA's to create
 (with their passwords) and to make members of them: deploy/postgres/roles.sql and
-deploy/clickhouse/users.sql, run once, and docs/operations.md, "Roles". Grants follow the tables,
+deploy/clickhouse/users.sh, run once, and docs/operations.md, "Roles". Grants follow the tables,
 so they are made here, after the migrations, and made exact: each role's privileges on our
 tables are revoked and granted again in one transaction, so a release that narrows one takes
 effect (in ClickHouse grants only add: see `clickhouse_role_statements`).
@@ -20,8 +20,11 @@ does not carry):
 
 ClickHouse:
 - `outbox_writer`: the consumer. INSERT and SELECT on the tables it delivers to and keeps its
-  runs and sources in, SELECT on the migrations' record, KILL QUERY for the fence of earlier
-  runs, CREATE TEMPORARY TABLE for the `input()` of its guarded inserts.
+  runs and sources in, SELECT on the migrations' record, and for the fence of earlier runs
+  KILL QUERY with SELECT on system.processes, which KILL QUERY reads with the caller's rights
+  (a stock server requires a grant for system tables; it also shows the writer other users'
+  running queries), and CLUSTER on a cluster (KILL QUERY ON CLUSTER); CREATE TEMPORARY TABLE
+  for the `input()` of its guarded inserts.
 - `outbox_analyst`: SELECT on event_log and the dead-letter table, nothing else.
 
 A migrator allowed none of this (a single-user development setup) gets a warning and keeps
@@ -81,6 +84,9 @@ def ensure_postgres_roles(conn: psycopg.Connection[Any]) -> bool:
     transaction; False (and a warning) if this user may not."""
     try:
         with conn.transaction():
+            # GRANT queues behind an ACCESS EXCLUSIVE lock (a long ALTER) without end, and
+            # everything after it behind the grant: give up instead, and grant next time.
+            conn.execute("SET LOCAL lock_timeout = '5s'")
             existing = {
                 str(name)
                 for (name,) in conn.execute(
@@ -90,11 +96,15 @@ def ensure_postgres_roles(conn: psycopg.Connection[Any]) -> bool:
             for role in POSTGRES_ROLES:
                 if role not in existing:
                     conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-            for statement in _postgres_grants(_web_app_tables(conn)):
+            for statement in _postgres_grants(_web_app_tables(conn), _partitions_of_ours(conn)):
                 conn.execute(statement)
-    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.DuplicateObject) as exc:
-        # DuplicateObject: another cluster's database created the role meanwhile; the next
-        # migrate grants.
+    except (
+        psycopg.errors.InsufficientPrivilege,
+        psycopg.errors.LockNotAvailable,
+        # Another database of the cluster created the role meanwhile: the next migrate grants.
+        psycopg.errors.DuplicateObject,
+        psycopg.errors.UniqueViolation,
+    ) as exc:
         log.warning(
             "postgresql roles not granted",
             error=str(exc).strip().splitlines()[0],
@@ -107,20 +117,36 @@ def ensure_postgres_roles(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _web_app_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """Tables of the schema that are not ours, nor a partition (reached through its parent,
+    whose privileges count there; a partition of the outbox holds outbox rows)."""
     rows = conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY tablename",
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
+        " ORDER BY c.relname",
         (OUTBOX_SCHEMA,),
     )
     return [str(name) for (name,) in rows if str(name) not in _NOT_THE_WEB_APPS]
 
 
-def _postgres_grants(web_app_tables: list[str]) -> list[sql.Composed]:
+def _partitions_of_ours(conn: psycopg.Connection[Any]) -> list[str]:
+    """The partitions, at any depth, of our tables (a partitioned outbox's)."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class p JOIN pg_namespace n ON n.oid = p.relnamespace,"
+        " LATERAL pg_partition_tree(p.oid) AS t JOIN pg_class c ON c.oid = t.relid"
+        " WHERE n.nspname = %s AND p.relname = ANY(%s) AND t.level > 0 ORDER BY c.relname",
+        (OUTBOX_SCHEMA, list(POSTGRES_GRANTS)),
+    )
+    return [str(name) for (name,) in rows]
+
+
+def _postgres_grants(web_app_tables: list[str], partitions: list[str]) -> list[sql.Composed]:
     def table(name: str) -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(OUTBOX_SCHEMA), sql.Identifier(name))
 
     roles = sql.SQL(", ").join(map(sql.Identifier, POSTGRES_ROLES))
     statements = [
-        sql.SQL("REVOKE ALL ON {} FROM {}").format(table(name), roles) for name in POSTGRES_GRANTS
+        sql.SQL("REVOKE ALL ON {} FROM {}").format(table(name), roles)
+        for name in [*POSTGRES_GRANTS, *partitions]
     ]
     for name, by_role in POSTGRES_GRANTS.items():
         for role, privileges in by_role.items():
@@ -161,8 +187,11 @@ def clickhouse_role_statements(database: str, *, cluster: str | None = None) -> 
     statements += [
         grant("SELECT", f"{db}.{MIGRATIONS_TABLE}", WRITER_ROLE),
         grant("KILL QUERY", "*.*", WRITER_ROLE),
+        grant("SELECT", "system.processes", WRITER_ROLE),
         grant("CREATE TEMPORARY TABLE", "*.*", WRITER_ROLE),
     ]
+    if cluster:
+        statements.append(grant("CLUSTER", "*.*", WRITER_ROLE))
     for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE):
         statements.append(grant("SELECT", f"{db}.{table}", ANALYST_ROLE))
     return statements
@@ -179,7 +208,7 @@ def ensure_clickhouse_roles(transport: ClickHouseTransport, *, cluster: str | No
         log.warning(
             "clickhouse roles not granted",
             error=str(exc),
-            hint="run deploy/clickhouse/users.sql as an admin with access management, or let"
+            hint="run deploy/clickhouse/users.sh as an admin with access management, or let"
             " the migrator manage access; until then the consumer needs the migrator's grants",
         )
         return False

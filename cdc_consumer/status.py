@@ -186,7 +186,12 @@ def classify(report: SlotReport, thresholds: SlotThresholds) -> SlotReport:
     """The report with its severity and the problems that set it, worst first."""
     found: list[tuple[Severity, str]] = []
     if not report.exists:
-        found.append((Severity.CRITICAL, "slot missing: run migrate, then backfill the gap"))
+        found.append(
+            (
+                Severity.CRITICAL,
+                "slot missing: backfill --since a time before it went (it recreates the slot)",
+            )
+        )
     else:
         if report.wal_status in _GIVEN_UP:
             why = (

@@ -1,4 +1,4 @@
-"""ClickHouse's least-privilege roles (cdc_consumer/roles.py, deploy/clickhouse/users.sql): the
+"""ClickHouse's least-privilege roles (cdc_consumer/roles.py, deploy/clickhouse/users.sh): the
 consumer delivers as a user holding only `outbox_writer`, which may not change the schema, and
 an analyst holding `outbox_analyst` reads and writes nothing else.
 

@@ -18,7 +18,13 @@ import psycopg
 import pytest
 
 from tests.support.fix_clickhouse import clickhouse_select
-from tests.support.fix_consumer import Consumer, current_wal_lsn, publish_probes, wait_for
+from tests.support.fix_consumer import (
+    Consumer,
+    create_partitioned_outbox,
+    current_wal_lsn,
+    publish_probes,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -96,20 +102,12 @@ def test_partitioned_outbox_publishes_through_its_root(
     # create it only if it does not exist)
     url = make_database()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE event_outbox (event_id uuid NOT NULL, event_type text NOT NULL,"
-            " event_date_time timestamptz NOT NULL, environment text NOT NULL,"
-            " event_context jsonb NOT NULL, metadata_version bigint NOT NULL,"
-            " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (event_id, created_at))"
-            " PARTITION BY RANGE (created_at)"
-        )
-        conn.execute(
-            "CREATE TABLE event_outbox_old PARTITION OF event_outbox"
-            " FOR VALUES FROM (MINVALUE) TO ('2000-01-01')"
-        )
-        conn.execute(
-            "CREATE TABLE event_outbox_now PARTITION OF event_outbox"
-            " FOR VALUES FROM ('2000-01-01') TO (MAXVALUE)"
+        create_partitioned_outbox(
+            conn,
+            {
+                "event_outbox_old": "FOR VALUES FROM (MINVALUE) TO ('2000-01-01')",
+                "event_outbox_now": "FOR VALUES FROM ('2000-01-01') TO (MAXVALUE)",
+            },
         )
     consumer = make_consumer(clickhouse_server.url, database_url=url)
     consumer.migrate()

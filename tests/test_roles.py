@@ -18,7 +18,7 @@ import pytest
 
 from demo.postgres import bin_dir
 from tests.support.fix_clickhouse import clickhouse_select
-from tests.support.fix_consumer import Consumer, current_wal_lsn
+from tests.support.fix_consumer import Consumer, create_partitioned_outbox, current_wal_lsn
 
 pytestmark = [pytest.mark.e2e]
 
@@ -199,3 +199,41 @@ def test_run_refuses_an_unmigrated_schema_instead_of_migrating_it(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (consumer.slot,)
         ).fetchone()
     assert slots == (0,)
+
+
+def test_the_web_role_reaches_a_partitioned_outbox_only_to_insert(
+    roles_database: dict[str, str], make_consumer: Callable[..., Consumer], clickhouse_server: Any
+) -> None:
+    """Its partitions are outbox rows too: before, the web role got DML on them as on any
+    table that is not ours."""
+    with psycopg.connect(roles_database["migrator"], autocommit=True) as conn:
+        create_partitioned_outbox(
+            conn, {"event_outbox_now": "FOR VALUES FROM (MINVALUE) TO (MAXVALUE)"}
+        )
+    consumer = make_consumer(clickhouse_server.url, database_url=roles_database["migrator"])
+    _migrate_as_the_migrator(roles_database, consumer)
+    web = roles_database["web"]
+    assert not _refused(
+        web,
+        "INSERT INTO event_outbox (event_id, event_type, event_date_time, environment,"
+        " event_context, metadata_version) VALUES"
+        " (gen_random_uuid(), 'probe', now(), 'test', '{}', 1)",
+    )
+    for statement in (
+        "SELECT * FROM event_outbox_now",
+        "DELETE FROM event_outbox_now",
+        "UPDATE event_outbox_now SET environment = 'x'",
+    ):
+        assert _refused(web, statement), f"web may: {statement}"
+
+
+def test_run_refuses_a_clickhouse_migrated_for_another_topology(
+    make_consumer: Callable[..., Consumer], clickhouse_server: Any
+) -> None:
+    """Before, `run` migrated, which refused this; checking instead, it must refuse it too: its
+    fence would reach one host of what it takes for a cluster, or miss the others'."""
+    consumer = make_consumer(clickhouse_server.url)
+    consumer.migrate()
+    result = consumer.cli("run", env={**consumer.env, "CLICKHOUSE_CLUSTER": "events"}, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "migrated for one server" in result.stderr

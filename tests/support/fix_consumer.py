@@ -246,6 +246,20 @@ def publish_probes(conn: psycopg.Connection[Any], count: int, environment: str) 
     return [row[0] for row in rows]
 
 
+def create_partitioned_outbox(conn: psycopg.Connection[Any], partitions: dict[str, str]) -> None:
+    """event_outbox as a table partitioned by created_at, before `migrate` (whose CREATE ...
+    IF NOT EXISTS then keeps it), with `partitions`: name -> `FOR VALUES ...` bounds."""
+    conn.execute(
+        "CREATE TABLE event_outbox (event_id uuid NOT NULL, event_type text NOT NULL,"
+        " event_date_time timestamptz NOT NULL, environment text NOT NULL,"
+        " event_context jsonb NOT NULL, metadata_version bigint NOT NULL,"
+        " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (event_id, created_at))"
+        " PARTITION BY RANGE (created_at)"
+    )
+    for name, bounds in partitions.items():
+        conn.execute(f"CREATE TABLE {name} PARTITION OF event_outbox {bounds}")
+
+
 def kill_while_an_insert_executes(
     consumer: Consumer, faults: Any, pg_conn: psycopg.Connection[Any], environment: str
 ) -> None:
