@@ -6,7 +6,7 @@ EVENTS ?= 10000
 WORKERS ?= 4
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo test lint alerts venv clean
+.PHONY: demo test bench lint alerts venv clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install --quiet uv==0.13.9; }
@@ -25,6 +25,12 @@ TEST_WORKERS ?= $(if $(TEST_DATABASE_URL)$(TEST_CLICKHOUSE_URL),0,2)
 
 test: venv
 	$(VENV)/bin/pytest -n $(TEST_WORKERS)
+
+# Every benchmark on the embedded engines, one after another (~15 minutes here), then the figures
+# table at the top of docs/benchmarks.md rewritten from what they printed. ONLY=drain,latency
+# runs some and keeps the other rows.
+bench: venv
+	$(VENV)/bin/python -m bench.run_all $(if $(ONLY),--only $(ONLY))
 
 # mypy's Django plugin imports web.settings, which (12-factor) insists on DATABASE_URL:
 # give it a placeholder that is never connected to.

@@ -45,7 +45,7 @@ FROM generate_series(1, %s) AS g
 """
 
 
-def _publish(url: str, *, rate: int, seconds: float) -> int:
+def publish_steadily(url: str, *, rate: int, seconds: float) -> int:
     """`rate` events a second for `seconds`, a transaction per tick; returns how many."""
     published, carry = 0, 0.0
     with psycopg.connect(url, autocommit=True) as conn:
@@ -62,7 +62,7 @@ def _publish(url: str, *, rate: int, seconds: float) -> int:
     return published
 
 
-class _Poller(threading.Thread):
+class LatencyPoller(threading.Thread):
     """Collects each probe's latency: first poll that saw it, less its stamp."""
 
     def __init__(self, clickhouse_url: str) -> None:
@@ -90,7 +90,7 @@ class _Poller(threading.Thread):
             transport.close()
 
 
-def _percentile(values: list[float], share: float) -> float:
+def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
@@ -118,9 +118,9 @@ def main() -> None:
                 if consumer.poll() is not None:
                     raise SystemExit(f"consumer died:\n{log_path.read_text()[-2000:]}")
                 time.sleep(0.05)
-            poller = _Poller(clickhouse_url)
+            poller = LatencyPoller(clickhouse_url)
             poller.start()
-            published = _publish(pg.url, rate=args.rate, seconds=args.seconds)
+            published = publish_steadily(pg.url, rate=args.rate, seconds=args.seconds)
             deadline = time.monotonic() + 30 + 2 * args.batch_max_seconds
             while len(poller.latencies) < published and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -143,7 +143,7 @@ def main() -> None:
         "published": published,
         "seen": len(latencies),
         "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p99_s": round(_percentile(latencies, 0.99), 3),
+        "latency_p99_s": round(percentile(latencies, 0.99), 3),
         "latency_max_s": round(max(latencies), 3),
         "inserts_per_s": round(len(batches) / args.seconds, 2),
         "rows_per_insert": round(sum(b["rows"] for b in batches) / max(1, len(batches))),

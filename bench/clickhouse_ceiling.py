@@ -20,6 +20,7 @@ from cdc_consumer.replication import Keepalive, ReplicationStream
 from cdc_consumer.sink import SourcePosition
 
 SOURCE = "bench_ceiling"
+_QUIET_LIMIT_SECONDS = 120.0
 
 
 def encoded_batches(
@@ -32,10 +33,15 @@ def encoded_batches(
     commit_lsn, seq = 0, 0
     try:
         stream.start()
+        quiet_since = time.monotonic()
         while True:
-            message = stream.read(5.0)
+            message = stream.read(1.0)
             if message is None:
-                raise RuntimeError(f"the WAL ended before {pgoutput.lsn_to_str(until_lsn)}")
+                # The walsender may take a while to reach the first change of a long backlog.
+                if time.monotonic() - quiet_since > _QUIET_LIMIT_SECONDS:
+                    raise RuntimeError(f"the WAL ended before {pgoutput.lsn_to_str(until_lsn)}")
+                continue
+            quiet_since = time.monotonic()
             if isinstance(message, Keepalive):
                 if message.wal_end >= until_lsn and not batches[-1]:
                     break

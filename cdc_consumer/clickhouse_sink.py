@@ -183,22 +183,27 @@ class ClickHouseSink:
             self._insert_settings = {**INSERT_SETTINGS, **newer}
         return self._insert_settings
 
-    def _insert(self, table: str, columns: Sequence[str], body: bytes) -> None:
+    def _insert(self, table: str, columns: Sequence[str], rows: Sequence[bytes]) -> None:
         # The token makes a retry of these exact bytes a duplicate ClickHouse drops, also for
         # the INSERT ... SELECT a guard turns the insert into (whose blocks it cannot hash).
-        token = hashlib.blake2b(body, digest_size=16).hexdigest()
+        # It hashes the rows as the body holds them, newline-separated, without joining them:
+        # the transport joins them once, behind its statement.
+        token = hashlib.blake2b(digest_size=16)
+        for n, row in enumerate(rows):
+            if n:
+                token.update(b"\n")
+            token.update(row)
         self._transport.insert(
             table,
-            body,
+            rows,
             columns=columns,
             query_id=f"{self._run_prefix}{next(self._inserts)}",
-            settings={**self._settings(), "insert_deduplication_token": token},
+            settings={**self._settings(), "insert_deduplication_token": token.hexdigest()},
             guard=self._guard,
         )
 
     def write(self, rows: list[bytes]) -> None:
-        body = b"\n".join(rows)
-        reason = unencodable_reason(body)
+        reason = unencodable_reason(rows)
         if reason is not None:
             raise PipelineError(
                 ErrorKind.POISON_EVENT,
@@ -206,11 +211,11 @@ class ClickHouseSink:
                 hint="it is isolated into event_log_dead_letter with its bytes escaped; the"
                 " source database holds text that is not UTF-8",
             )
-        self._insert(EVENT_LOG_TABLE, EVENT_LOG_COLUMNS, body)
+        self._insert(EVENT_LOG_TABLE, EVENT_LOG_COLUMNS, rows)
 
     def write_dead_letters(self, rows: list[bytes], error: str, *, minimal: bool = False) -> None:
-        records = (dead_letter_record(row, error, self._source, minimal=minimal) for row in rows)
-        self._insert(DEAD_LETTER_TABLE, DEAD_LETTER_COLUMNS, b"\n".join(records))
+        records = [dead_letter_record(row, error, self._source, minimal=minimal) for row in rows]
+        self._insert(DEAD_LETTER_TABLE, DEAD_LETTER_COLUMNS, records)
 
     def fence_earlier_runs(self) -> None:
         # A ClickHouse server finishes an insert whose client died once it has the whole body.

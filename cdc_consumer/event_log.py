@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from operator import methodcaller
 
 import orjson
 
@@ -168,12 +169,15 @@ class EventLogEncoder:
         return b"".join((UNENCODABLE, reason.encode(), UNENCODABLE, escaped))
 
 
-def unencodable_reason(body: bytes) -> str | None:
+def unencodable_reason(rows: Sequence[bytes]) -> str | None:
     """Why a batch cannot be sent, if it holds a row the encoder could not make JSON of."""
-    start = body.find(UNENCODABLE)
-    if start < 0:
+    row = next(filter(_marked, rows), None)
+    if row is None:
         return None
-    return body[start + 1 : body.index(UNENCODABLE, start + 1)].decode()
+    return row[1 : row.index(UNENCODABLE, 1)].decode()
+
+
+_marked = methodcaller("startswith", UNENCODABLE)
 
 
 def dead_letter_record(row: bytes, error: str, source: str, *, minimal: bool = False) -> bytes:

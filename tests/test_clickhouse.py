@@ -3,6 +3,7 @@ sink makes of rows it cannot send."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -87,8 +88,8 @@ class _RecordingTransport:
         del sql, settings
         return []
 
-    def insert(self, table: str, body: bytes, **_options: Any) -> None:
-        self.inserts.append((table, body))
+    def insert(self, table: str, rows: Sequence[bytes], **_options: Any) -> None:
+        self.inserts.append((table, b"\n".join(rows)))
 
     def close(self) -> None:
         pass

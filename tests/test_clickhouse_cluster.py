@@ -274,7 +274,7 @@ def test_http_transport_sends_quorum_settings_the_engine_accepts(clickhouse_faul
     quorum = HttpTransport(clickhouse_faults.url, insert_quorum=2)
     plain.command(f"CREATE TABLE {table} (x UInt8) ENGINE = MergeTree ORDER BY x")
     try:
-        quorum.insert(table, b'{"x":1}', columns=["x"], query_id=f"{table}-1", settings={})
+        quorum.insert(table, [b'{"x":1}'], columns=["x"], query_id=f"{table}-1", settings={})
         sent = clickhouse_faults.stats()["last_request"]["settings"]
         assert (sent["insert_quorum"], sent["insert_quorum_parallel"]) == ("2", "0")
         assert quorum.select(f"SELECT count() FROM {table}") == [[1]]
@@ -282,7 +282,7 @@ def test_http_transport_sends_quorum_settings_the_engine_accepts(clickhouse_faul
             clickhouse_faults.stats()["last_request"]["settings"]["select_sequential_consistency"]
             == "1"
         )
-        plain.insert(table, b'{"x":2}', columns=["x"], query_id=f"{table}-2", settings={})
+        plain.insert(table, [b'{"x":2}'], columns=["x"], query_id=f"{table}-2", settings={})
         assert "insert_quorum" not in clickhouse_faults.stats()["last_request"]["settings"]
         plain.select(f"SELECT count() FROM {table}")
         sent = clickhouse_faults.stats()["last_request"]["settings"]
