@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -212,11 +213,17 @@ def _metrics(results: list[Result]) -> list[Figure]:
 
 
 def _granules(what: str, bounded: str, unbounded: str) -> Callable[[list[Result]], list[Figure]]:
+    """Granules a plan reads, from EXPLAIN's `Parts: p/q | Granules: g/h` summary."""
+
+    def read(summary: str) -> str:
+        match = re.search(r"Granules: (\d+)", summary)
+        return match.group(1) if match else summary
+
     def figures(results: list[Result]) -> list[Figure]:
         return [
             (
                 f"{what}, {r['rows']:,} rows in event_log",
-                f"{r[bounded]} granules read (before: {r[unbounded]})",
+                f"{read(r[bounded])} granules read (before: {read(r[unbounded])})",
                 "",
                 None,
             )
@@ -298,7 +305,12 @@ def _run(run: Run) -> tuple[list[Figure], float]:
 
 
 def _row(figure: Figure, command: str, context: dict[str, object]) -> str:
-    what, value, target, met = figure
+    what, value, target, met = (
+        figure[0].replace("|", "\\|"),
+        figure[1].replace("|", "\\|"),
+        figure[2],
+        figure[3],
+    )
     mark = "" if met is None else (" ✓" if met else " ✗")
     return (
         f"| {what} | {value} | {target}{mark} | `{command}` | {context['date']} |"

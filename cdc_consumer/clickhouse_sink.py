@@ -53,8 +53,12 @@ INSERT_SETTINGS: dict[str, str] = {
 }
 # The same guarantees under names newer servers added (26.x: `deduplicate_insert` supersedes
 # `insert_deduplicate`); sent only to a server that knows them, as older ones refuse them.
+# The guarded insert is an INSERT ... SELECT FROM input(), whose deduplication 26.2+ decides by
+# `deduplicate_insert_select` first: a profile with it off would let a retry land twice.
+# `force_enable` deduplicates by the token, or fails the insert where it cannot, never doubles.
 NEWER_INSERT_SETTINGS: dict[str, str] = {
     "deduplicate_insert": "enable",
+    "deduplicate_insert_select": "force_enable",
     "use_strict_insert_block_limits": "0",
     "max_insert_block_size_bytes": "0",
 }
@@ -183,7 +187,7 @@ class ClickHouseSink:
             self._insert_settings = {**INSERT_SETTINGS, **newer}
         return self._insert_settings
 
-    def _insert(self, table: str, columns: Sequence[str], rows: Sequence[bytes]) -> None:
+    def _insert(self, table: str, columns: Sequence[str], rows: list[bytes]) -> None:
         # The token makes a retry of these exact bytes a duplicate ClickHouse drops, also for
         # the INSERT ... SELECT a guard turns the insert into (whose blocks it cannot hash).
         # It hashes the rows as the body holds them, newline-separated, without joining them:

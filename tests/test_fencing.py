@@ -196,3 +196,25 @@ def test_cancelled_insert_is_replayed_not_confirmed_past(
     assert consumer.stop() == 0
     # THEN the 10 events were replayed and are there once (merges stopped)
     assert _counts(faults.url, environment) == (10, 10)
+
+
+def test_retry_adds_nothing_whatever_the_profile_says_of_insert_select_dedup(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """The guarded insert is an INSERT ... SELECT, whose deduplication ClickHouse 26.2+ decides
+    by `deduplicate_insert_select` before `deduplicate_insert`: a profile turning it off made
+    a retried batch land twice (before the sink pinned it)."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url)
+    consumer.migrate()
+    environment = f"select-dedup-{uuid.uuid4().hex[:12]}"
+    consumer.start()
+    # GIVEN a profile without INSERT SELECT deduplication, and a lost answer to the next insert
+    faults.set_profile(deduplicate_insert_select="disable")
+    faults.lose_answers(1)
+    # WHEN a batch is shipped (and so sent twice)
+    publish_probes(pg_conn, 25, environment)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN it landed once (merges stopped: nothing folded away)
+    assert _counts(faults.url, environment) == (25, 25)
