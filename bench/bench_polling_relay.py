@@ -65,7 +65,7 @@ def relay_once(
         if not rows:
             return 0
         encoded = [
-            orjson.dumps(dict(zip(_COLUMNS, (i, t, d, e, c, c, v), strict=True)))
+            orjson.dumps(dict(zip(_COLUMNS, (i, t, d, e, orjson.Fragment(c), c, v), strict=True)))
             for i, t, d, e, c, v in rows
         ]
         sink.insert(
@@ -89,14 +89,28 @@ class Relay(threading.Thread):
         self._batch, self._poll = batch, poll_seconds
         self.stop = threading.Event()
         self.sent = 0
+        self.inserts = 0
+        self.failed: BaseException | None = None
 
     def run(self) -> None:
+        try:
+            self._relay()
+        except BaseException as exc:
+            self.failed = exc
+            raise
+
+    def check(self) -> None:
+        if self.failed is not None:
+            raise SystemExit(f"the relay failed: {self.failed!r}")
+
+    def _relay(self) -> None:
         sink = clickhouse.connect(self._clickhouse_url)
         try:
             with psycopg.connect(self._url, autocommit=True) as conn:
                 while not self.stop.is_set():
                     sent = relay_once(conn, sink, self._batch)
                     self.sent += sent
+                    self.inserts += 1 if sent else 0
                     if not sent:
                         self.stop.wait(self._poll)
         finally:
@@ -131,6 +145,7 @@ def _backlog(url: str, clickhouse_url: str, args: argparse.Namespace) -> dict[st
         started = time.perf_counter()
         relay.start()
         while relay.sent < args.events:
+            relay.check()
             time.sleep(0.01)
         seconds = time.perf_counter() - started
         relay.stop.set()
@@ -159,6 +174,7 @@ def _steady(url: str, clickhouse_url: str, args: argparse.Namespace) -> dict[str
     published = publish_steadily(url, rate=args.rate, seconds=args.seconds)
     deadline = time.monotonic() + 30
     while len(poller.latencies) < published and time.monotonic() < deadline:
+        relay.check()
         time.sleep(0.05)
     poller.done.set()
     poller.join()
@@ -173,6 +189,8 @@ def _steady(url: str, clickhouse_url: str, args: argparse.Namespace) -> dict[str
         "latency_p50_s": round(statistics.median(latencies), 3),
         "latency_p99_s": round(percentile(latencies, 0.99), 3),
         "latency_max_s": round(max(latencies), 3),
+        "inserts_per_s": round(relay.inserts / args.seconds, 1),
+        "rows_per_insert": round(relay.sent / max(1, relay.inserts)),
     }
 
 

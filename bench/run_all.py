@@ -155,7 +155,8 @@ def _relay(results: list[Result]) -> list[Figure]:
         ),
         (
             f"polling relay at {r['rate']:,}/s, polling every {r['poll_seconds']} s",
-            f"p50 {r['latency_p50_s']} s, p99 {r['latency_p99_s']} s, max {r['latency_max_s']} s",
+            f"p50 {r['latency_p50_s']} s, p99 {r['latency_p99_s']} s, max {r['latency_max_s']} s;"
+            f" {r['inserts_per_s']} inserts/s of {r['rows_per_insert']:,} rows",
             "",
             None,
         ),

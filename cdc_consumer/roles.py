@@ -198,9 +198,16 @@ def clickhouse_role_statements(database: str, *, cluster: str | None = None) -> 
 
 
 def ensure_clickhouse_roles(transport: ClickHouseTransport, *, cluster: str | None = None) -> bool:
-    """Create the ClickHouse roles and grant them; False (and a warning) where this user may
-    not manage access (the embedded engine's default user, a migrator without it)."""
-    [[database]] = transport.select("SELECT currentDatabase()")
+    """Create the ClickHouse roles and grant them; False where this user may not manage
+    access (a warning), or the engine keeps no roles at all (the embedded chDB, whose only
+    access storage is its read-only users.xml: nothing to grant, no warning)."""
+    [[database, writable]] = transport.select(
+        "SELECT currentDatabase(), (SELECT count() FROM system.user_directories"
+        " WHERE type != 'users_xml')"
+    )
+    if not writable:
+        log.info("clickhouse roles skipped", reason="this engine has no writable access storage")
+        return False
     try:
         for statement in clickhouse_role_statements(str(database), cluster=cluster):
             transport.command(statement)
