@@ -115,7 +115,7 @@ def main() -> None:
         def prune() -> tuple[float, int, int]:
             started = time.perf_counter()
             result = outbox_prune(
-                slot=SLOT,
+                slots=[SLOT],
                 retention=timedelta(0),
                 commit_margin=timedelta(0),
                 chunk_rows=args.chunk,

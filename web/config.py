@@ -27,6 +27,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 # and GET /health/outbox judge the slot by the same variables.
 from cdc_consumer.observability import ObservabilitySettings
 from cdc_consumer.settings import (
+    Identifier,
     SlotCheckSettings,
     describe_invalid_settings,
     postgres_url,
@@ -71,6 +72,11 @@ class WebSettings(SlotCheckSettings, ObservabilitySettings):
     outbox_prune_chunk_rows: int = Field(default=5_000, gt=0, le=1_000_000)
     # Safety margin on the shipped-commit-time rule (see web/outbox/prune.py).
     outbox_prune_commit_margin: timedelta = Field(default=timedelta(minutes=5), ge=timedelta(0))
+    # Every slot that streams this outbox (comma-separated); a row is pruned only once all of
+    # them shipped it. Empty: CDC_SLOT alone.
+    outbox_prune_slots: Annotated[list[Identifier], NoDecode, BeforeValidator(_comma_list)] = Field(
+        default_factory=list
+    )
     # Beat intervals: prune hourly, check the slot every minute.
     outbox_prune_interval_seconds: float = Field(default=3600.0, gt=0)
     outbox_slot_check_interval_seconds: float = Field(default=60.0, gt=0)

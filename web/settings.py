@@ -75,6 +75,7 @@ CDC_SLOT = _web.cdc_slot
 SLOT_THRESHOLDS = _web.slot_thresholds()
 OUTBOX_RETENTION = _web.outbox_retention
 OUTBOX_PRUNE_CHUNK_ROWS = _web.outbox_prune_chunk_rows
+OUTBOX_PRUNE_SLOTS = _web.outbox_prune_slots  # empty: CDC_SLOT alone
 OUTBOX_PRUNE_COMMIT_MARGIN = _web.outbox_prune_commit_margin
 OUTBOX_PRUNE_INTERVAL_SECONDS = _web.outbox_prune_interval_seconds
 OUTBOX_SLOT_CHECK_INTERVAL_SECONDS = _web.outbox_slot_check_interval_seconds

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 def _prune(slot: str, chunk_rows: int = 1000):
     return outbox_prune(
-        slot=slot, retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=chunk_rows
+        slots=[slot], retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=chunk_rows
     )
 
 
@@ -129,7 +129,10 @@ def test_retention_keeps_young_rows(make_consumer, clickhouse_server, pg_conn):
     """Shipped rows younger than the retention stay."""
     consumer, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-young")
     result = outbox_prune(
-        slot=consumer.slot, retention=timedelta(hours=1), commit_margin=timedelta(0), chunk_rows=10
+        slots=[consumer.slot],
+        retention=timedelta(hours=1),
+        commit_margin=timedelta(0),
+        chunk_rows=10,
     )
     assert _present(pg_conn, ids) == set(ids)
     assert result.skipped_reason is None
@@ -207,3 +210,29 @@ def test_rows_whose_commit_time_is_unknown_go_once_the_slot_has_passed_them(
         clickhouse_server.url,
         f"SELECT count(), uniqExact(event_id) FROM event_log WHERE event_id IN ({quoted})",
     ) == [[3, 3]]
+
+
+def test_a_row_another_slot_has_not_shipped_stays_until_it_has(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """Two slots stream one outbox (OUTBOX_PRUNE_SLOTS names both): a row the first has
+    shipped and the second has not is kept, by both rules, until the second ships it too.
+    Before, the prune read one slot's progress and had no way to hear of the second."""
+    behind = make_consumer(clickhouse_server.url)
+    behind.migrate()  # its slot holds the WAL from here; it has shipped nothing yet
+    ahead, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-two")
+    slots = [ahead.slot, behind.slot]
+    result = outbox_prune(
+        slots=slots, retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
+    )
+    assert result.deleted == 0
+    assert _present(pg_conn, ids) == set(ids)
+    # WHEN the second slot's consumer has shipped them as well
+    behind.start()
+    _wait_shipped(pg_conn, behind, ids[-1])
+    assert behind.stop() == 0
+    # THEN they go
+    result = outbox_prune(
+        slots=slots, retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
+    )
+    assert _present(pg_conn, ids) == set()

@@ -34,12 +34,15 @@ than any live slot's catalog_xmin, which holds back freezing.) It trails the com
 while a long transaction anywhere on the server is open, so it is the second rule, not the
 only one.
 
-Pruning also stops while the slot is missing or lost: the backfill that repairs a lost slot
+With several slots on one outbox (OUTBOX_PRUNE_SLOTS), both rules hold for every one of them: the
+oldest of their shipped commits, and each one's catalog_xmin. Pruning also stops while any of
+them is missing or lost: the backfill that repairs a lost slot
 reads the outbox, so the outbox must outlive the gap (see docs/architecture.md, operations).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,28 +77,38 @@ class PruneResult:
 
 
 def outbox_prune(
-    *, slot: str, retention: timedelta, commit_margin: timedelta, chunk_rows: int
+    *, slots: Sequence[str], retention: timedelta, commit_margin: timedelta, chunk_rows: int
 ) -> PruneResult:
-    """Delete shipped rows older than `retention` in chunks of `chunk_rows`, each chunk its own
-    short autocommit DELETE by primary key; returns how many went."""
-    reason = _unsafe_to_prune(slot)
-    if reason is not None:
-        log.warning("outbox prune skipped", slot=slot, reason=reason)
-        return PruneResult(deleted=0, chunks=0, skipped_reason=reason)
-    shipped = CdcProgress.objects.filter(slot=slot).values_list("last_commit_time", flat=True)
-    last_commit_time = shipped.first()
-    if last_commit_time is None:
+    """Delete rows older than `retention` that every one of `slots` has shipped, in chunks of
+    `chunk_rows`, each chunk its own short autocommit DELETE by primary key; returns how many
+    went. Several slots stream one outbox when consumers split it or one replaces another:
+    a row goes only by the slowest one's progress."""
+    for slot in slots:
+        reason = _unsafe_to_prune(slot)
+        if reason is not None:
+            log.warning("outbox prune skipped", slot=slot, reason=reason)
+            return PruneResult(deleted=0, chunks=0, skipped_reason=reason)
+    shipped = dict(
+        CdcProgress.objects.filter(slot__in=slots).values_list("slot", "last_commit_time")
+    )
+    commit_times = [shipped.get(slot) for slot in slots]
+    if None in commit_times:
         reason = "the consumer has not recorded a shipped commit for this slot yet"
-        log.info("outbox prune skipped", slot=slot, reason=reason)
+        log.info("outbox prune skipped", slot=slots[commit_times.index(None)], reason=reason)
         return PruneResult(deleted=0, chunks=0, skipped_reason=reason)
+    last_commit_time = min(time for time in commit_times if time is not None)
     old_rows = EventOutbox.objects.filter(created_at__lt=timezone.now() - retention).alias(
         committed_at=_COMMITTED_AT
     )
     shipped_rows = Q(committed_at__lte=last_commit_time - commit_margin)
-    catalog_xmin = _catalog_xmin(slot)
-    if catalog_xmin is not None:
-        old_rows = old_rows.alias(finished_before_slot=_finished_before(catalog_xmin))
-        shipped_rows |= Q(finished_before_slot=True)
+    catalog_xmins = [_catalog_xmin(slot) for slot in slots]
+    if all(xmin is not None for xmin in catalog_xmins):
+        finished = Q()
+        for n, catalog_xmin in enumerate(catalog_xmins):
+            name = f"finished_before_slot_{n}"
+            old_rows = old_rows.alias(**{name: _finished_before(str(catalog_xmin))})
+            finished &= Q(**{name: True})
+        shipped_rows |= finished
     candidates = (
         old_rows.filter(shipped_rows).order_by("created_at").values_list("event_id", flat=True)
     )
@@ -106,11 +119,11 @@ def outbox_prune(
         chunks += 1
     log.info(
         "outbox pruned",
-        slot=slot,
+        slots=list(slots),
         deleted=deleted,
         chunks=chunks,
         shipped_until=last_commit_time.isoformat(),
-        catalog_xmin=catalog_xmin,
+        catalog_xmins=catalog_xmins,
     )
     return PruneResult(deleted=deleted, chunks=chunks)
 

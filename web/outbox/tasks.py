@@ -19,7 +19,7 @@ from web.outbox.slot import outbox_slot_check
 @app.task
 def outbox_prune_task() -> dict[str, Any]:
     result = outbox_prune(
-        slot=settings.CDC_SLOT,
+        slots=settings.OUTBOX_PRUNE_SLOTS or [settings.CDC_SLOT],
         retention=settings.OUTBOX_RETENTION,
         commit_margin=settings.OUTBOX_PRUNE_COMMIT_MARGIN,
         chunk_rows=settings.OUTBOX_PRUNE_CHUNK_ROWS,
