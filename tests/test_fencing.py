@@ -218,3 +218,26 @@ def test_retry_adds_nothing_whatever_the_profile_says_of_insert_select_dedup(
     assert consumer.stop() == 0
     # THEN it landed once (merges stopped: nothing folded away)
     assert _counts(faults.url, environment) == (25, 25)
+
+
+def test_a_batch_whose_connection_dropped_unanswered_lands_once(
+    make_consumer, clickhouse_faults, merges_stopped, pg_conn
+):
+    """The insert lands, then its connection closes with no answer: clickhouse-connect sends the
+    same bytes again on its own (the guarded insert is a plain POST since the batch became
+    the request body), and ClickHouse drops the copy by its token: each event once."""
+    faults = clickhouse_faults
+    consumer = make_consumer(faults.url)
+    consumer.migrate()
+    environment = f"dropped-{uuid.uuid4().hex[:12]}"
+    consumer.start()
+    inserts_before = faults.stats()["inserts"]
+    # GIVEN a server that lands the next insert and then closes its connection unanswered
+    faults.drop_answers(1)
+    # WHEN a batch is shipped
+    publish_probes(pg_conn, 25, environment)
+    consumer.wait_confirmed(current_wal_lsn(pg_conn))
+    assert consumer.stop() == 0
+    # THEN it was sent at least twice and is there once (merges stopped: nothing folded away)
+    assert faults.stats()["inserts"] - inserts_before >= 2
+    assert _counts(faults.url, environment) == (25, 25)

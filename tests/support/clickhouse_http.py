@@ -73,6 +73,8 @@ consumer's bookkeeping rows in cdc_sources and cdc_runs):
   user profile's are on a real server (the query's settings win);
 - ``lose_answers?count=N``: the next N data INSERTs execute, then answer with an error, as
   when the connection drops after the server committed (the client cannot tell them apart);
+- ``drop_answers?count=N``: the next N data INSERTs execute, then the connection closes with
+  no answer at all (what clickhouse-connect resends a request after, on its own);
 - ``stats`` (JSON counters), ``wait_held?count=N&timeout=S`` (returns once N INSERTs are being
   held) and ``reset`` (counters zeroed, every fault cleared, held INSERTs released).
 """
@@ -170,6 +172,14 @@ _RESPONSE_ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
     "zstd": zstd.compress,
     "lz4": lz4.frame.compress,
 }
+
+
+class _AnswerDropped(Exception):  # noqa: N818  (a signal to the handler, not an error)
+    """The drop_answers hook: the insert landed; close the connection without answering."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("answer dropped")
+        self.outcome = outcome
 
 
 class ClickHouseError(Exception):
@@ -573,6 +583,7 @@ class Faults:
     held: int = 0
     fail_next: int = 0
     lose_answers: int = 0  # data inserts that land, then answer as if they had failed
+    drop_answers: int = 0  # data inserts that land, then close the connection unanswered
     profile: dict[str, str] = field(default_factory=dict)  # settings under every query's own
     fail_next_with: InjectedFailure = field(default_factory=InjectedFailure)
     fail_over_bytes: int | None = None
@@ -683,13 +694,20 @@ class Faults:
         with self.changed:
             return dict(self.profile)
 
+    def drop_answer(self) -> bool:
+        """True (once per `drop_answers`) for an insert that landed: no answer goes back."""
+        return self._take("drop_answers")
+
     def lose_answer(self) -> bool:
         """True (once per `lose_answers`) for an insert that landed: its answer is lost."""
+        return self._take("lose_answers")
+
+    def _take(self, counter: str) -> bool:
         with self.changed:
-            if self.lose_answers > 0:
-                self.lose_answers -= 1
-                return True
-            return False
+            left = getattr(self, counter)
+            if left > 0:
+                setattr(self, counter, left - 1)
+            return bool(left > 0)
 
     def fail(self, count: int, failure: InjectedFailure) -> None:
         with self.changed:
@@ -702,7 +720,8 @@ class Faults:
     def reset(self) -> None:
         with self.changed:
             self.holding = False
-            self.fail_next = self.lose_answers = self.queries = self.inserts = 0
+            self.fail_next = self.lose_answers = self.drop_answers = 0
+            self.queries = self.inserts = 0
             self.profile = {}
             self.holding_stage, self.hold_after = "before", None
             self.fail_over_bytes = None
@@ -775,6 +794,8 @@ class Handler(BaseHTTPRequestHandler):
             query_id = params.get("query_id") or str(uuid.uuid4())
             try:
                 self._query(params, body, query_id)
+            except _AnswerDropped:
+                self.close_connection = True  # nothing is written back: the client sees EOF
             except ClickHouseError as exc:
                 self._send_error(exc, query_id)
             except Exception as exc:  # a bug here must reach the test as an error, not a hang
@@ -821,8 +842,9 @@ class Handler(BaseHTTPRequestHandler):
                 outcome = self._insert(query, query_id, len(body))
             else:
                 outcome = engine.execute(query)
-        except ClickHouseError:
-            faults.record(seen, is_insert, None)
+        except (ClickHouseError, _AnswerDropped) as exc:
+            landed = exc.outcome if isinstance(exc, _AnswerDropped) else None
+            faults.record(seen, is_insert, landed)
             raise
         finally:
             faults.end(query_id)
@@ -853,6 +875,8 @@ class Handler(BaseHTTPRequestHandler):
             query = self.server.engine.evaluate_guard(query)
         faults.admit_insert(query_id, insert_table(query.sql), body_bytes)
         outcome = self.server.engine.execute(query)
+        if faults.drop_answer():
+            raise _AnswerDropped(outcome)
         if faults.lose_answer():
             raise ClickHouseError.of(
                 _UNKNOWN_EXCEPTION,
@@ -947,6 +971,9 @@ class Handler(BaseHTTPRequestHandler):
         elif name == "lose_answers":
             with faults.changed:
                 faults.lose_answers = int(params.get("count", "1"))
+        elif name == "drop_answers":
+            with faults.changed:
+                faults.drop_answers = int(params.get("count", "1"))
         elif name == "fail_inserts_over":
             faults.fail_over(int(params["bytes"]), InjectedFailure.from_params(params))
         elif name == "reset":

@@ -116,6 +116,10 @@ class ClickHouseServer:
         query = "&".join(f"{name}={value}" for name, value in settings.items())
         self._hook("POST", f"profile?{query}")
 
+    def drop_answers(self, count: int) -> None:
+        """The next `count` data inserts land, then their connection closes unanswered."""
+        self._hook("POST", f"drop_answers?count={count}")
+
     def lose_answers(self, count: int) -> None:
         """The next `count` INSERTs land, then answer with an error (the answer was lost)."""
         self._hook("POST", f"lose_answers?count={count}")
