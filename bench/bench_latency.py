@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -89,10 +90,25 @@ class LatencyPoller(threading.Thread):
         finally:
             transport.close()
 
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+    def finish(
+        self, published: int, *, within: float, check: Callable[[], None] = lambda: None
+    ) -> dict[str, object]:
+        """Wait (up to `within` seconds, calling `check` between looks) until every one of
+        `published` probes was seen, stop polling, and sum up their latencies."""
+        deadline = time.monotonic() + within
+        while len(self.latencies) < published and time.monotonic() < deadline:
+            check()
+            time.sleep(0.05)
+        self.done.set()
+        self.join()
+        ordered = sorted(self.latencies)
+        return {
+            "published": published,
+            "seen": len(ordered),
+            "latency_p50_s": round(statistics.median(ordered), 3),
+            "latency_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+            "latency_max_s": round(ordered[-1], 3),
+        }
 
 
 def main() -> None:
@@ -121,11 +137,7 @@ def main() -> None:
             poller = LatencyPoller(clickhouse_url)
             poller.start()
             published = publish_steadily(pg.url, rate=args.rate, seconds=args.seconds)
-            deadline = time.monotonic() + 30 + 2 * args.batch_max_seconds
-            while len(poller.latencies) < published and time.monotonic() < deadline:
-                time.sleep(0.05)
-            poller.done.set()
-            poller.join()
+            latency = poller.finish(published, within=30 + 2 * args.batch_max_seconds)
             consumer.send_signal(signal.SIGTERM)
             consumer.wait(60)
         # Only probes are published, so every batch is one of the run's.
@@ -134,17 +146,12 @@ def main() -> None:
             for line in log_path.read_text().splitlines()
             if '"batch written"' in line
         ]
-    latencies = poller.latencies
     print(json.dumps({
         "rate": args.rate,
         "seconds": args.seconds,
         "batch_max_seconds": args.batch_max_seconds,
         "transport": args.transport,
-        "published": published,
-        "seen": len(latencies),
-        "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p99_s": round(percentile(latencies, 0.99), 3),
-        "latency_max_s": round(max(latencies), 3),
+        **latency,
         "inserts_per_s": round(len(batches) / args.seconds, 2),
         "rows_per_insert": round(sum(b["rows"] for b in batches) / max(1, len(batches))),
         "poll_seconds": _POLL_SECONDS,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_consumer_drain import FILL_SQL, bench_engines
-from bench.bench_latency import LatencyPoller, percentile, publish_steadily
+from bench.bench_latency import LatencyPoller, publish_steadily
 from bench.measure import where_and_when
 from cdc_consumer import clickhouse, migrations
 
@@ -172,23 +171,13 @@ def _steady(url: str, clickhouse_url: str, args: argparse.Namespace) -> dict[str
     poller = LatencyPoller(clickhouse_url)
     poller.start()
     published = publish_steadily(url, rate=args.rate, seconds=args.seconds)
-    deadline = time.monotonic() + 30
-    while len(poller.latencies) < published and time.monotonic() < deadline:
-        relay.check()
-        time.sleep(0.05)
-    poller.done.set()
-    poller.join()
+    latency = poller.finish(published, within=30, check=relay.check)
     relay.stop.set()
     relay.join()
-    latencies = poller.latencies
     return {
         "rate": args.rate,
         "seconds": args.seconds,
-        "published": published,
-        "seen": len(latencies),
-        "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p99_s": round(percentile(latencies, 0.99), 3),
-        "latency_max_s": round(max(latencies), 3),
+        **latency,
         "inserts_per_s": round(relay.inserts / args.seconds, 1),
         "rows_per_insert": round(relay.sent / max(1, relay.inserts)),
     }
