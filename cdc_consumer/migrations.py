@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +52,12 @@ def migration_files(directory: Path) -> list[MigrationFile]:
     return [MigrationFile(p.name, p.read_text()) for p in sorted(directory.glob("*.sql"))]
 
 
-def pending(files: Iterable[MigrationFile], applied: dict[str, str]) -> list[MigrationFile]:
-    """Files not yet applied; refuses any applied file whose text has since changed."""
+def pending(
+    files: Iterable[MigrationFile], records: Iterable[Sequence[Any]]
+) -> list[MigrationFile]:
+    """Files not yet applied, given the (name, checksum) rows of the runner's record; refuses
+    any applied file whose text has since changed."""
+    applied = {str(name): str(checksum) for name, checksum in records}
     todo = []
     for file in files:
         recorded = applied.get(file.name)
@@ -102,7 +106,7 @@ def migrate_postgres(conn: psycopg.Connection[tuple[object, ...]], directory: Pa
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_ADVISORY_LOCK,))
         rows = conn.execute("SELECT name, checksum FROM cdc_schema_migrations").fetchall()
-        for file in pending(migration_files(directory), {str(n): str(c) for n, c in rows}):
+        for file in pending(migration_files(directory), rows):
             conn.execute(file.sql.encode())
             conn.execute(
                 "INSERT INTO cdc_schema_migrations (name, checksum) VALUES (%s, %s)",
@@ -122,7 +126,7 @@ def unapplied_postgres(conn: psycopg.Connection[Any], directory: Path) -> list[s
         if exists and exists[0]
         else []
     )
-    files = pending(migration_files(directory), {str(n): str(c) for n, c in rows})
+    files = pending(migration_files(directory), rows)
     return [file.name for file in files]
 
 
@@ -137,7 +141,7 @@ def unapplied_clickhouse(transport: ClickHouseTransport, directory: Path) -> lis
         if exists[0][0]
         else []
     )
-    files = pending(migration_files(directory), {str(n): str(c) for n, c in rows})
+    files = pending(migration_files(directory), rows)
     return [file.name for file in files]
 
 
@@ -185,7 +189,7 @@ def migrate_clickhouse(
         transport.command(statement)
     rows = transport.select("SELECT name, checksum FROM cdc_schema_migrations FINAL")
     applied_names: list[str] = []
-    for file in pending(files, {str(n): str(c) for n, c in rows}):
+    for file in pending(files, rows):
         for statement in statements[file.name]:
             transport.command(statement)
         transport.command(
