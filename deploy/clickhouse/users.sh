@@ -8,6 +8,9 @@
 #   CLICKHOUSE_USER=admin CLICKHOUSE_PASSWORD=... CLICKHOUSE_WRITER_PASSWORD=... \
 #   CLICKHOUSE_ANALYST_PASSWORD=... deploy/clickhouse/users.sh
 #
+# CLICKHOUSE_HOST names the server (default 127.0.0.1: the one this runs beside, as in the
+# image's init).
+#
 # docker compose runs it once, when the data volume is created (docker-entrypoint-initdb.d).
 set -euo pipefail
 
