@@ -69,11 +69,11 @@ def measure(rows: int, chunk: int) -> dict[str, object]:
             # The backfill's lookup: the chunk's ids within its stretch of event_date_time.
             ids = [str(row[0]) for row in picked[1:]]
             between = (_published(picked[1][1]), _published(picked[-1][1]))
-            check = partial(stored_event_counts, transport, SOURCE, ids, between=between)
+            check = partial(stored_event_counts, transport, ids, between=between)
             chunk_s += timed(check, repeats=1)
             # One query's worth (the chunk's first row, not in the above), by time and by id.
             first_id, first_published = str(picked[0][0]), _published(picked[0][1])
-            bounded = stored_counts_sql(SOURCE, [first_id], between=(first_published,) * 2)
+            bounded = stored_counts_sql([first_id], between=(first_published,) * 2)
             by_id = (
                 "SELECT toString(event_id) FROM event_log"
                 f" WHERE source = '{SOURCE}' AND event_id = '{first_id}'"

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import where_and_when
 from cdc_consumer import migrations, provisioning
+from cdc_consumer.publication import ensure_publication
 from demo.postgres import DisposablePostgres
 
 SLOT = "bench_prune_slot"
@@ -56,7 +57,7 @@ def _restart_with_commit_timestamps(server: DisposablePostgres, value: str) -> N
 def _fill(server: DisposablePostgres, rows: int) -> None:
     with psycopg.connect(server.url, autocommit=True) as conn:
         migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
-        provisioning.ensure_publication(conn, "bench_prune_pub")
+        ensure_publication(conn, "bench_prune_pub", slot=SLOT)
         provisioning.ensure_slot(conn, SLOT, url=server.url)
     _restart_with_commit_timestamps(server, "off")
     with psycopg.connect(server.url, autocommit=True) as conn:

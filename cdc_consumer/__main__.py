@@ -111,7 +111,9 @@ def cmd_health(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
-    transport = _checked(settings, slot=False)  # the backfill creates the slot itself
+    # The backfill makes the slot itself, and a new shard's publication (docs/operations.md,
+    # 'Several consumers').
+    transport = _checked(settings, slot=False, publication=False)
     try:
         result = backfill.backfill(settings, transport, args.since)
     finally:
@@ -130,6 +132,7 @@ def cmd_verify(settings: ConsumerSettings, args: argparse.Namespace) -> int:
             transport,
             slot=settings.cdc_slot,
             source=settings.source,
+            shard=settings.cdc_shard,
             since=args.since,
             until=args.until,
         )
@@ -161,12 +164,14 @@ def cmd_adopt(settings: ConsumerSettings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked(settings: ConsumerSettings, *, slot: bool) -> clickhouse.ClickHouseTransport:
+def _checked(
+    settings: ConsumerSettings, *, slot: bool, publication: bool = True
+) -> clickhouse.ClickHouseTransport:
     """ClickHouse, once both schemas are found migrated: these commands run with roles that
     may not migrate (cdc_consumer/roles.py), so they refuse instead, naming `migrate`."""
     transport = _connect(settings)
     try:
-        provisioning.check_migrated(settings, transport, slot=slot)
+        provisioning.check_migrated(settings, transport, slot=slot, publication=publication)
     except BaseException:
         transport.close()
         raise

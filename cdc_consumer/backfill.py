@@ -14,8 +14,10 @@ Exactly once, by construction rather than by merges:
   whose commit time is unknown (committed while track_commit_timestamp was off, or older than
   the server keeps them) cannot be placed, so it is read too; the presence check below sorts
   it out.
-- Rows whose event_id is already in event_log or event_log_dead_letter for this source are
-  skipped, so rows the old slot did deliver (and a second backfill run) are not sent again.
+- Rows whose event_id is already in event_log or event_log_dead_letter are skipped, whichever
+  source wrote them, so rows the old slot did deliver (and a second backfill run, and the
+  consumer a set of shards replaces: docs/operations.md, 'Several consumers') are not sent
+  again. With CDC_SHARD only the shard's rows are read: the others are other consumers' own.
   Rows are read in publish-time order, so a chunk spans a short stretch of event_date_time:
   the check names that stretch, which ClickHouse finds through the partition key and the sort
   key (event_type, event_date_time, …; few event types) instead of reading every event_id.
@@ -43,9 +45,10 @@ from cdc_consumer.clickhouse_sink import ClickHouseSink, stored_event_counts
 from cdc_consumer.delivery import SinkWorker
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import EventLogEncoder
-from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_TABLE
+from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.replication import identify
 from cdc_consumer.settings import ConsumerSettings
+from cdc_consumer.shard import Shard, outbox_condition
 from cdc_consumer.sink import ORIGIN, SourceIdentity
 from cdc_consumer.timeline import WalHistory
 
@@ -61,7 +64,7 @@ _COLUMNS = OUTBOX_COLUMNS
 # the fsync benchmark encodes its rows through it too.
 TEXT_RELATION = pgoutput.Relation(
     relation_id=0,
-    namespace="public",
+    namespace=OUTBOX_SCHEMA,
     name=OUTBOX_TABLE,
     replica_identity="d",
     columns=tuple(pgoutput.Column(0, name, 25, -1) for name in _COLUMNS),
@@ -70,15 +73,18 @@ TEXT_RELATION = pgoutput.Relation(
 
 # Whether the commit time is unknown, then the encoder's columns as text (the text pgoutput
 # sends), in publish-time order (the presence check's time bounds come from it).
-_SELECT = sql.SQL(
-    "SELECT committed_at IS NULL, {columns} FROM {table},"
-    " LATERAL (SELECT pg_xact_commit_timestamp({table}.xmin) AS committed_at) AS c"
-    " WHERE committed_at >= %(since)s OR committed_at IS NULL"
-    " ORDER BY event_date_time, event_id"
-).format(
-    columns=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in _COLUMNS),
-    table=sql.Identifier(OUTBOX_TABLE),
-)
+# Of a shard's rows only (CDC_SHARD): the others are another consumer's to ship.
+def _select(shard: Shard | None) -> sql.Composed:
+    return sql.SQL(
+        "SELECT committed_at IS NULL, {columns} FROM {table} AS o,"
+        " LATERAL (SELECT pg_xact_commit_timestamp(o.xmin) AS committed_at) AS c"
+        " WHERE (committed_at >= %(since)s OR committed_at IS NULL) AND {shard}"
+        " ORDER BY event_date_time, event_id"
+    ).format(
+        columns=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in _COLUMNS),
+        table=sql.Identifier(OUTBOX_SCHEMA, OUTBOX_TABLE),
+        shard=outbox_condition(shard),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +113,7 @@ def backfill(
             conn.info.server_version, failover=settings.cdc_slot_failover
         )
         _drop_lost_slot(conn, slot)
-        provisioning.ensure_publication(
-            conn, settings.cdc_publication, ignored=settings.ignored_tables
-        )
+        provisioning.ensure_consumer_publication(conn, settings)
     options = (
         "SNAPSHOT 'export', FAILOVER true" if settings.cdc_slot_failover else "SNAPSHOT 'export'"
     )
@@ -175,12 +179,12 @@ def _ship(
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             with conn.cursor(name="backfill") as cursor:
                 cursor.itersize = CHUNK_ROWS
-                cursor.execute(_SELECT, {"since": since - COMMIT_TIME_MARGIN})
+                cursor.execute(_select(settings.cdc_shard), {"since": since - COMMIT_TIME_MARGIN})
                 while chunk := cursor.fetchmany(CHUNK_ROWS):
                     read += len(chunk)
                     unknown += sum(1 for row in chunk if row[0])
                     rows = [row[1:] for row in chunk]
-                    present = _present(transport, source, rows)
+                    present = _present(transport, rows)
                     fresh = [row for row in rows if row[_EVENT_ID] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
@@ -208,7 +212,7 @@ _PUBLISHED = OUTBOX_COLUMNS.index("event_date_time")
 
 
 def _present(
-    transport: ClickHouseTransport, source: str, rows: Sequence[Sequence[str | None]]
+    transport: ClickHouseTransport, rows: Sequence[Sequence[str | None]]
 ) -> Collection[str]:
     """The event ids of a chunk (in publish-time order) that ClickHouse already holds, looked up
     within the chunk's stretch of event_date_time, which event_log finds by its partition and
@@ -218,7 +222,7 @@ def _present(
         datetime.fromisoformat(str(rows[-1][_PUBLISHED])),
     )
     event_ids = [str(row[_EVENT_ID]) for row in rows]
-    return stored_event_counts(transport, source, event_ids, between=published).keys()
+    return stored_event_counts(transport, event_ids, between=published).keys()
 
 
 def _submit(worker: SinkWorker, batch: Batch) -> None:

@@ -97,18 +97,19 @@ class StoredCounts:
 
 def stored_event_counts(
     transport: ClickHouseTransport,
-    source: str,
     event_ids: Sequence[str],
     *,
     between: tuple[datetime, datetime] | None = None,
 ) -> dict[str, StoredCounts]:
-    """What event_log and event_log_dead_letter hold of these events (uuid text) for `source`
-    (and rows written before sources were recorded), by event id; absent ids are left out.
-    `between` bounds event_date_time (inclusive), which lets ClickHouse skip the partitions
-    and granules outside it; rows of these events outside it are not counted."""
+    """What event_log and event_log_dead_letter hold of these events (uuid text), by event id;
+    absent ids are left out. Whatever source wrote them: an event id names one event, so a row
+    of it under another source (a shard's predecessor, a consumer moved to new slots) is that
+    event delivered, and a second row of it is that event doubled. `between` bounds
+    event_date_time (inclusive), which lets ClickHouse skip the partitions and granules outside
+    it; rows of these events outside it are not counted."""
     found: dict[str, StoredCounts] = {}
     for start in range(0, len(event_ids), LOOKUP_IDS):
-        query = stored_counts_sql(source, event_ids[start : start + LOOKUP_IDS], between=between)
+        query = stored_counts_sql(event_ids[start : start + LOOKUP_IDS], between=between)
         for event_id, logged, dead in transport.select(query, PRESENCE_READ_SETTINGS):
             seen = found.get(str(event_id), StoredCounts())
             found[str(event_id)] = StoredCounts(
@@ -118,10 +119,9 @@ def stored_event_counts(
 
 
 def stored_counts_sql(
-    source: str, event_ids: Sequence[str], *, between: tuple[datetime, datetime] | None = None
+    event_ids: Sequence[str], *, between: tuple[datetime, datetime] | None = None
 ) -> str:
     """One lookup of `stored_event_counts` (at most LOOKUP_IDS ids)."""
-    sources = f"source IN ({quote_string(source)}, {quote_string(LEGACY_SOURCE)})"
     when = ""
     if between is not None:
         when = (
@@ -130,9 +130,9 @@ def stored_counts_sql(
     quoted = ",".join(f"'{uuid.UUID(event_id)}'" for event_id in event_ids)
     return (
         f"SELECT toString(event_id), count(), 0 FROM {EVENT_LOG_TABLE}"
-        f" WHERE {sources} AND event_id IN ({quoted}){when} GROUP BY event_id"
+        f" WHERE event_id IN ({quoted}){when} GROUP BY event_id"
         f" UNION ALL SELECT event_id, 0, count() FROM {DEAD_LETTER_TABLE}"
-        f" WHERE {sources} AND event_id IN ({quoted}) GROUP BY event_id"
+        f" WHERE event_id IN ({quoted}) GROUP BY event_id"
     )
 
 

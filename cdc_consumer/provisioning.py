@@ -2,8 +2,7 @@
 
 The slot is created here, before the consumer ever streams, so every event committed after
 `migrate` returns is retained in the WAL for the consumer, even if it starts much later.
-The publication is managed in code rather than in a numbered SQL file because its name is
-configuration (CDC_PUBLICATION); it publishes inserts only, so pruning never reaches the slot.
+The publication is made and checked by `publication.py`.
 The fsync table settings are too (CLICKHOUSE_FSYNC_AFTER_INSERT): every migrate brings them to
 what the environment says, both ways.
 """
@@ -22,7 +21,7 @@ from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
 from cdc_consumer.clickhouse_cluster import cluster_statement
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE
-from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
+from cdc_consumer.publication import ensure_publication
 from cdc_consumer.settings import ConsumerSettings
 
 log = structlog.get_logger(__name__)
@@ -39,84 +38,6 @@ FSYNC_TABLES = (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
 
 _POSTGRES_SQL = migrations.SQL_ROOT / "postgres"
 _CLICKHOUSE_SQL = migrations.SQL_ROOT / "clickhouse"
-
-
-def ensure_publication(
-    conn: psycopg.Connection[Any],
-    name: str,
-    *,
-    ignored: frozenset[tuple[str, str]] = frozenset(),
-    provision: bool = True,
-) -> None:
-    """Create the insert-only publication of the outbox, or check an existing one: it publishes
-    inserts only, through the root of a partitioned outbox, and no other table but those the
-    operator listed as `ignored` (CDC_IGNORED_TABLES). `provision=False` only checks."""
-    row = conn.execute(
-        "SELECT pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, puballtables"
-        " FROM pg_publication WHERE pubname = %s",
-        (name,),
-    ).fetchone()
-    if row is None and not provision:
-        raise _not_migrated(f"publication {name} does not exist")
-    if row is None:
-        # Through the root: a partitioned outbox's rows then arrive as the outbox's own, not
-        # under each partition's name (which the consumer refuses).
-        conn.execute(
-            f"CREATE PUBLICATION {name} FOR TABLE {OUTBOX_SCHEMA}.{OUTBOX_TABLE}"
-            " WITH (publish = 'insert', publish_via_partition_root = true)"
-        )
-        log.info("publication created", publication=name)
-        return
-    *publishes, via_root, all_tables = row
-    if tuple(publishes) != (True, False, False, False):
-        raise PipelineError(
-            ErrorKind.CONFIGURATION,
-            f"publication {name} must publish inserts only",
-            hint=f"ALTER PUBLICATION {name} SET (publish = 'insert')",
-        )
-    if all_tables:
-        raise PipelineError(
-            ErrorKind.CONFIGURATION,
-            f"publication {name} is FOR ALL TABLES: every table's rows would reach the consumer",
-            hint=f"DROP PUBLICATION {name}, then `migrate` creates it for the outbox alone",
-        )
-    if not via_root and _outbox_is_partitioned(conn):
-        raise PipelineError(
-            ErrorKind.CONFIGURATION,
-            f"publication {name} publishes the partitioned outbox under its partitions' names",
-            hint=f"ALTER PUBLICATION {name} SET (publish_via_partition_root = true)",
-        )
-    tables = {
-        (str(schema), str(table))
-        for schema, table in conn.execute(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
-        )
-    }
-    if (OUTBOX_SCHEMA, OUTBOX_TABLE) not in tables:
-        raise PipelineError(
-            ErrorKind.CONFIGURATION,
-            f"publication {name} does not include {OUTBOX_SCHEMA}.{OUTBOX_TABLE}",
-            hint=f"ALTER PUBLICATION {name} ADD TABLE {OUTBOX_SCHEMA}.{OUTBOX_TABLE}",
-        )
-    others = sorted(
-        f"{schema}.{table}" for schema, table in tables - {(OUTBOX_SCHEMA, OUTBOX_TABLE), *ignored}
-    )
-    if others:
-        raise PipelineError(
-            ErrorKind.CONFIGURATION,
-            f"publication {name} also publishes {', '.join(others)}, which are not the outbox",
-            hint=f"ALTER PUBLICATION {name} DROP TABLE {', '.join(others)}; or, if their rows"
-            " are not events, list them in CDC_IGNORED_TABLES",
-        )
-
-
-def _outbox_is_partitioned(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute(
-        "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relname = %s",
-        (OUTBOX_SCHEMA, OUTBOX_TABLE),
-    ).fetchone()
-    return bool(row and row[0])
 
 
 # Failover slots (kept in step on standbys by sync_replication_slots) came in PostgreSQL 17.
@@ -222,6 +143,20 @@ def _make_failover_slot(url: str, name: str) -> None:
     log.info("replication slot made a failover slot", slot=name)
 
 
+def ensure_consumer_publication(
+    conn: psycopg.Connection[Any], settings: ConsumerSettings, *, provision: bool = True
+) -> None:
+    """The publication these settings stream (publication.ensure_publication)."""
+    ensure_publication(
+        conn,
+        settings.cdc_publication,
+        slot=settings.cdc_slot,
+        shard=settings.cdc_shard,
+        ignored=settings.ignored_tables,
+        provision=provision,
+    )
+
+
 def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> None:
     """Apply sql/ to both databases and make sure the publication and slot exist. PostgreSQL's
     part runs under the migrations' advisory lock, so processes starting at once (a consumer
@@ -231,7 +166,7 @@ def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> 
         migrations.postgres_lock(conn),
     ):
         migrations.migrate_postgres(conn, _POSTGRES_SQL)
-        ensure_publication(conn, settings.cdc_publication, ignored=settings.ignored_tables)
+        ensure_consumer_publication(conn, settings)
         ensure_slot(
             conn,
             settings.cdc_slot,
@@ -244,12 +179,16 @@ def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> 
 
 
 def check_migrated(
-    settings: ConsumerSettings, clickhouse: ClickHouseTransport, *, slot: bool = True
+    settings: ConsumerSettings,
+    clickhouse: ClickHouseTransport,
+    *,
+    slot: bool = True,
+    publication: bool = True,
 ) -> None:
     """What the commands that use the schema check instead of migrating, so that they run with
     roles that may not change it (`roles`): every sql/ file applied in both databases, the
-    publication as `migrate` makes it, the slot (`slot`) and the fsync table settings. A
-    CONFIGURATION error names what is missing, with `migrate` as the hint."""
+    publication as `migrate` makes it (`publication`), the slot (`slot`) and the fsync table
+    settings. A CONFIGURATION error names what is missing, with `migrate` as the hint."""
     with postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         try:
             unapplied = migrations.unapplied_postgres(conn, _POSTGRES_SQL)
@@ -261,9 +200,8 @@ def check_migrated(
                 " make this login role a member of it (docs/operations.md, 'Roles')",
             ) from exc
         _refuse_unapplied("postgres", unapplied)
-        ensure_publication(
-            conn, settings.cdc_publication, ignored=settings.ignored_tables, provision=False
-        )
+        if publication:
+            ensure_consumer_publication(conn, settings, provision=False)
         if slot:
             ensure_slot(
                 conn,

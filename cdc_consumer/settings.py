@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cdc_consumer.clickhouse_cluster import InsertQuorum
 from cdc_consumer.observability import ObservabilitySettings
 from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
+from cdc_consumer.shard import Shard
 from cdc_consumer.status import SlotThresholds
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -53,6 +54,12 @@ def _ignored_tables(value: str) -> str:
         if name == f"{OUTBOX_SCHEMA}.{OUTBOX_TABLE}":
             raise ValueError(f"{name} is the outbox: its rows are the events")
     return value
+
+
+def _shard(value: object) -> Shard | None:
+    if isinstance(value, str):
+        return Shard.parse(value) if value.strip() else None
+    return value  # type: ignore[return-value]  # a Shard, or None: pydantic checks it
 
 
 def _clickhouse_url(value: SecretStr) -> SecretStr:
@@ -163,6 +170,10 @@ class ConsumerSettings(SlotCheckSettings, ObservabilitySettings):
     clickhouse_url: Annotated[SecretStr, AfterValidator(_clickhouse_url)]
 
     cdc_publication: Identifier = "event_outbox_pub"
+    # Scale-out: this consumer is shard k of N (`k/N`) and streams only its share of the outbox,
+    # on its own slot, publication and source (docs/operations.md, 'Several consumers').
+    # Unset: one consumer streams it all.
+    cdc_shard: Annotated[Shard | None, BeforeValidator(_shard)] = None
     # PostgreSQL 17+: create the slot as a failover slot, which a standby with
     # sync_replication_slots keeps in step, so a promoted standby still has it
     # (docs/runbook-failover.md). `migrate` refuses it on an older server.

@@ -1,9 +1,11 @@
 """`python -m cdc_consumer verify --since T [--until U] [--json]`: prove the pipeline whole.
 
 The outbox is the truth. Every event it holds that was created in the window and has shipped
-must be in event_log exactly once for this source, or in event_log_dead_letter. verify lists
-the events in neither (missing) and those event_log holds more than once (doubled); any of
-either makes it exit 1.
+must be in event_log exactly once, or in event_log_dead_letter. verify lists the events in
+neither (missing) and those event_log holds more than once (doubled); any of either makes it
+exit 1. Rows count whichever source wrote them: an event shipped by this consumer and again by
+another (a shard beside it, the consumer shards replaced) is doubled. With CDC_SHARD only the
+shard's events are judged, against its own slot's progress; each shard verifies its own.
 
 What the window is, and why:
 - Rows whose `created_at` is in [since, until): the column the outbox is indexed on, so the
@@ -42,7 +44,8 @@ from cdc_consumer import postgres
 from cdc_consumer.clickhouse import ClickHouseTransport
 from cdc_consumer.clickhouse_sink import stored_event_counts
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.outbox import OUTBOX_TABLE
+from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
+from cdc_consumer.shard import Shard, outbox_condition
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +58,7 @@ _PAGE = """
 SELECT event_id::text, event_type, event_date_time, created_at,
        coalesce(pg_xact_commit_timestamp(xmin) <= %(shipped)s, true) AS due
 FROM {table}
-WHERE created_at >= %(since)s AND created_at < %(until)s {after}
+WHERE created_at >= %(since)s AND created_at < %(until)s AND {shard} {after}
 ORDER BY created_at, event_id
 LIMIT %(limit)s
 """
@@ -98,13 +101,22 @@ def verify(
     *,
     slot: str,
     source: str,
+    shard: Shard | None = None,
     since: datetime,
     until: datetime | None = None,
 ) -> VerifyReport:
     """Compare the outbox's events created in [since, until) (until: now) with what ClickHouse
     holds for `source`; see the module docstring for what is judged and how."""
     try:
-        return _verify(database_url, transport, slot=slot, source=source, since=since, until=until)
+        return _verify(
+            database_url,
+            transport,
+            slot=slot,
+            source=source,
+            shard=shard,
+            since=since,
+            until=until,
+        )
     except psycopg.Error as exc:
         # Not a finding: exit 1 must only ever mean "missing or doubled".
         detail = postgres.first_line(exc)
@@ -121,6 +133,7 @@ def _verify(
     *,
     slot: str,
     source: str,
+    shard: Shard | None,
     since: datetime,
     until: datetime | None,
 ) -> VerifyReport:
@@ -141,8 +154,8 @@ def _verify(
             shipped_until=shipped.isoformat() if shipped else None,
         )
         after: tuple[datetime, str] | None = None
-        while page := _page(conn, since, until, shipped, after):
-            _judge(report, transport, source, page)
+        while page := _page(conn, shard, since=since, until=until, shipped=shipped, after=after):
+            _judge(report, transport, page)
             after = (page[-1][3], page[-1][0])
     log.info(
         "verify done",
@@ -175,13 +188,17 @@ def _shipped_until(conn: psycopg.Connection[Any], slot: str) -> tuple[datetime |
 
 def _page(
     conn: psycopg.Connection[Any],
+    shard: Shard | None,
+    *,
     since: datetime,
     until: datetime,
     shipped: datetime | None,
     after: tuple[datetime, str] | None,
 ) -> list[tuple[Any, ...]]:
     query = sql.SQL(_PAGE).format(
-        table=sql.Identifier(OUTBOX_TABLE), after=sql.SQL(_AFTER if after else "")
+        table=sql.Identifier(OUTBOX_SCHEMA, OUTBOX_TABLE),
+        shard=outbox_condition(shard),
+        after=sql.SQL(_AFTER if after else ""),
     )
     params: dict[str, Any] = {
         # Nothing shipped yet: every row with a known commit time is in flight.
@@ -196,10 +213,7 @@ def _page(
 
 
 def _judge(
-    report: VerifyReport,
-    transport: ClickHouseTransport,
-    source: str,
-    page: list[tuple[Any, ...]],
+    report: VerifyReport, transport: ClickHouseTransport, page: list[tuple[Any, ...]]
 ) -> None:
     due = [row for row in page if row[4]]
     report.in_flight += len(page) - len(due)
@@ -207,7 +221,7 @@ def _judge(
         return
     times = [row[2] for row in due]
     stored = stored_event_counts(
-        transport, source, [row[0] for row in due], between=(min(times), max(times))
+        transport, [row[0] for row in due], between=(min(times), max(times))
     )
     for event_id, event_type, event_date_time, created_at, _due in due:
         report.checked += 1

@@ -231,10 +231,8 @@ def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhous
             for published in (chunk[0][1], chunk[-1][1])
         )
         between = (earliest, latest)
-        query = stored_counts_sql(source, event_ids, between=between)
-        found = stored_event_counts(
-            connect(clickhouse_server.url), source, event_ids, between=between
-        )
+        query = stored_counts_sql(event_ids, between=between)
+        found = stored_event_counts(connect(clickhouse_server.url), event_ids, between=between)
         plan = clickhouse_select(clickhouse_server.url, f"EXPLAIN indexes = 1 {query}")
         by_id_alone = clickhouse_select(
             clickhouse_server.url,

@@ -23,8 +23,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from cdc_consumer.pgoutput import str_to_lsn
+from cdc_consumer.shard import Shard
 
 WAIT_SECONDS = 60.0
 
@@ -244,6 +246,20 @@ def publish_probes(conn: psycopg.Connection[Any], count: int, environment: str) 
         (environment, count),
     ).fetchall()
     return [row[0] for row in rows]
+
+
+def shards_holding(conn: psycopg.Connection[Any], event_ids: list[str], *, count: int) -> set[str]:
+    """The shards (`k/count`) whose condition the outbox rows of these events meet."""
+    found = set()
+    for index in range(count):
+        shard = Shard(index, count)
+        query = sql.SQL("SELECT EXISTS (SELECT FROM event_outbox WHERE event_id = ANY(%s::uuid[])")
+        row = conn.execute(
+            query + sql.SQL(" AND {})").format(shard.condition), (event_ids,)
+        ).fetchone()
+        if row and row[0]:
+            found.add(str(shard))
+    return found
 
 
 def create_partitioned_outbox(conn: psycopg.Connection[Any], partitions: dict[str, str]) -> None:

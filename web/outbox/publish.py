@@ -35,7 +35,7 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from uuid_utils.compat import uuid7
 
-from cdc_consumer.outbox import OUTBOX_COLUMNS
+from cdc_consumer.outbox import OUTBOX_COLUMNS, OUTBOX_SCHEMA, OUTBOX_TABLE
 from web.outbox.errors import EventPublishError, dotted_path
 from web.outbox.events import Event
 from web.outbox.registry import event_class_get
@@ -50,9 +50,10 @@ __all__ = [
 ]
 
 # What publish writes is exactly what the consumer builds event_log rows from.
-_INSERT = f"INSERT INTO event_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES "
+_OUTBOX = f"{OUTBOX_SCHEMA}.{OUTBOX_TABLE}"
+_INSERT = f"INSERT INTO {_OUTBOX} ({', '.join(OUTBOX_COLUMNS)}) VALUES "
 _ROW_PLACEHOLDERS = f"({', '.join(['%s'] * len(OUTBOX_COLUMNS))})"
-_COPY = f"COPY event_outbox ({', '.join(OUTBOX_COLUMNS)}) FROM STDIN"
+_COPY = f"COPY {_OUTBOX} ({', '.join(OUTBOX_COLUMNS)}) FROM STDIN"
 # From about 10 events one COPY is as fast as a multi-row INSERT and soon twice as fast (the
 # INSERT's parameters are bound client-side into one ever longer statement); below it the
 # INSERT saves COPY's extra round trip. Measured in docs/benchmarks.md.
