@@ -34,6 +34,13 @@ class Severity(StrEnum):
 
 
 _RANK = {Severity.OK: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+
+
+def severity_rank(severity: Severity) -> int:
+    """Order of severities, worst highest (to take the worst of several reports)."""
+    return _RANK[severity]
+
+
 # wal_status values meaning the slot can no longer (or may soon no longer) replay what it missed.
 _GIVEN_UP = frozenset({"unreserved", "lost"})
 
@@ -216,7 +223,7 @@ def classify(report: SlotReport, thresholds: SlotThresholds) -> SlotReport:
         found.extend(_lag_problems(report, thresholds))
     if not found:
         return replace(report, severity=Severity.OK, problems=())
-    found.sort(key=lambda item: _RANK[item[0]], reverse=True)
+    found.sort(key=lambda item: severity_rank(item[0]), reverse=True)
     return replace(report, severity=found[0][0], problems=tuple(text for _, text in found))
 
 

@@ -72,9 +72,10 @@ class WebSettings(SlotCheckSettings, ObservabilitySettings):
     outbox_prune_chunk_rows: int = Field(default=5_000, gt=0, le=1_000_000)
     # Safety margin on the shipped-commit-time rule (see web/outbox/prune.py).
     outbox_prune_commit_margin: timedelta = Field(default=timedelta(minutes=5), ge=timedelta(0))
-    # Every slot that streams this outbox (comma-separated); a row is pruned only once all of
-    # them shipped it. Empty: CDC_SLOT alone.
-    outbox_prune_slots: Annotated[list[Identifier], NoDecode, BeforeValidator(_comma_list)] = Field(
+    # Every slot that streams this outbox (comma-separated: the shards of CDC_SHARD, or a second
+    # slot replacing the first): a row is pruned only once all of them shipped it, and the slot
+    # check checks each. Empty: CDC_SLOT alone.
+    outbox_slots: Annotated[list[Identifier], NoDecode, BeforeValidator(_comma_list)] = Field(
         default_factory=list
     )
     # Beat intervals: prune hourly, check the slot every minute.

@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 import structlog
-from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
 from cdc_consumer.status import Severity
-from web.outbox.slot import outbox_slot_report
+from web.outbox.slot import outbox_slot_report, outbox_slots, outbox_slots_report
 
 log = structlog.get_logger(__name__)
 
@@ -29,17 +28,19 @@ def health(request: HttpRequest) -> JsonResponse:
 
 @require_GET
 def health_outbox(request: HttpRequest) -> JsonResponse:
+    """Every slot's report (OUTBOX_SLOTS) and the worst severity: 503 when that is critical."""
     try:
-        report = outbox_slot_report()
+        reports = [outbox_slot_report(slot=slot) for slot in outbox_slots()]
     except DatabaseError as exc:
-        # Nothing about the slot is known, which is as bad as a lost one; the error's text may
+        # Nothing about the slots is known, which is as bad as a lost one; the error's text may
         # name the host, so only its class goes out.
         log.error("slot check failed", error=str(exc).strip().split("\n")[0])
         unknown = {
-            "slot": settings.CDC_SLOT,
             "severity": Severity.CRITICAL.value,
+            "slots": outbox_slots(),
             "problems": [f"database unreachable ({type(exc).__name__})"],
         }
         return JsonResponse(unknown, status=503)
-    status = 503 if report.severity is Severity.CRITICAL else 200
-    return JsonResponse(report.as_dict(), status=status)
+    body = outbox_slots_report(reports)
+    status = 503 if body["severity"] == Severity.CRITICAL.value else 200
+    return JsonResponse(body, status=status)

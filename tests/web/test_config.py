@@ -109,12 +109,12 @@ def test_allowed_hosts_is_a_comma_list(env):
 
 
 def test_prune_slots_is_a_comma_list_of_slot_names(env):
-    """OUTBOX_PRUNE_SLOTS is split on commas, blanks dropped; empty means CDC_SLOT alone."""
+    """OUTBOX_SLOTS is split on commas, blanks dropped; empty means CDC_SLOT alone."""
     env.setenv("DATABASE_URL", _URL)
     env.setenv("DJANGO_SECRET_KEY", "k" * 50)
-    assert load_settings().outbox_prune_slots == []
-    env.setenv("OUTBOX_PRUNE_SLOTS", " blue_slot, green_slot ,")
-    assert load_settings().outbox_prune_slots == ["blue_slot", "green_slot"]
+    assert load_settings().outbox_slots == []
+    env.setenv("OUTBOX_SLOTS", " blue_slot, green_slot ,")
+    assert load_settings().outbox_slots == ["blue_slot", "green_slot"]
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_prune_slots_is_a_comma_list_of_slot_names(env):
         ("OUTBOX_MAX_CONTEXT_BYTES", "0"),
         ("DJANGO_DEBUG", "maybe"),
         ("SENTRY_TRACES_SAMPLE_RATE", "2"),
-        ("OUTBOX_PRUNE_SLOTS", "blue_slot,Green-Slot"),
+        ("OUTBOX_SLOTS", "blue_slot,Green-Slot"),
     ],
 )
 def test_malformed_variable_is_named(env, name, value):

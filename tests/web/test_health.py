@@ -54,11 +54,31 @@ def test_health_outbox_codes_follow_the_slot_check(
     critical = client.get("/health/outbox")
     assert critical.status_code == 503
     body = critical.content.decode()
-    assert critical.json()["lag_bytes"] > 0
+    assert [slot["lag_bytes"] > 0 for slot in critical.json()["slots"]] == [True]
     assert postgres_url not in body
     assert "postgresql://" not in body
     assert "secret" not in body.lower()
     assert client.post("/health/outbox").status_code == 405
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_health_outbox_reports_every_slot_and_the_worst(
+    client, settings, make_consumer, clickhouse_server
+):
+    """With two slots in OUTBOX_SLOTS, GET /health/outbox reports each, and one missing makes
+    the whole critical (a 503), however healthy the other."""
+    present = make_consumer(clickhouse_server.url)
+    present.migrate()
+    settings.OUTBOX_SLOTS = [present.slot, "never_made_slot"]
+    response = client.get("/health/outbox")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["severity"] == "critical"
+    assert [(s["slot"], s["severity"]) for s in body["slots"]] == [
+        (present.slot, "warning"),
+        ("never_made_slot", "critical"),
+    ]
 
 
 @pytest.mark.django_db(transaction=True)

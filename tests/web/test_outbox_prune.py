@@ -215,7 +215,7 @@ def test_rows_whose_commit_time_is_unknown_go_once_the_slot_has_passed_them(
 def test_a_row_another_slot_has_not_shipped_stays_until_it_has(
     make_consumer, clickhouse_server, pg_conn
 ):
-    """Two slots stream one outbox (OUTBOX_PRUNE_SLOTS names both): a row the first has
+    """Two slots stream one outbox (OUTBOX_SLOTS names both): a row the first has
     shipped and the second has not is kept, by both rules, until the second ships it too.
     Before, the prune read one slot's progress and had no way to hear of the second."""
     behind = make_consumer(clickhouse_server.url)

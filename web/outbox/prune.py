@@ -34,7 +34,7 @@ than any live slot's catalog_xmin, which holds back freezing.) It trails the com
 while a long transaction anywhere on the server is open, so it is the second rule, not the
 only one.
 
-With several slots on one outbox (OUTBOX_PRUNE_SLOTS), both rules hold for every one of them: the
+With several slots on one outbox (OUTBOX_SLOTS), both rules hold for every one of them: the
 oldest of their shipped commits, and each one's catalog_xmin. Pruning also stops while any of
 them is missing or lost: the backfill that repairs a lost slot
 reads the outbox, so the outbox must outlive the gap (see docs/architecture.md, operations).

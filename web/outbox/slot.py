@@ -7,7 +7,7 @@ Celery task and the management command use it).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import sentry_sdk
 import structlog
@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection
 from sentry_sdk.integrations.logging import ignore_logger
 
-from cdc_consumer.status import Severity, SlotReport, slot_report
+from cdc_consumer.status import Severity, SlotReport, severity_rank, slot_report
 
 log = structlog.get_logger(__name__)
 # The check sends its own Sentry message with the report attached; Sentry's logging integration
@@ -26,6 +26,17 @@ _SENTRY_LEVEL: dict[Severity, Literal["warning", "fatal"]] = {
     Severity.WARNING: "warning",
     Severity.CRITICAL: "fatal",
 }
+
+
+def outbox_slots() -> list[str]:
+    """Every slot that streams the outbox: OUTBOX_SLOTS, or CDC_SLOT alone."""
+    return list(settings.OUTBOX_SLOTS) or [settings.CDC_SLOT]
+
+
+def outbox_slots_report(reports: list[SlotReport]) -> dict[str, Any]:
+    """Several slots' reports as one: the worst severity, and each report."""
+    worst = max((report.severity for report in reports), key=severity_rank)
+    return {"severity": worst.value, "slots": [report.as_dict() for report in reports]}
 
 
 def outbox_slot_report(*, slot: str | None = None) -> SlotReport:

@@ -13,13 +13,13 @@ from django.conf import settings
 
 from web.celery import app
 from web.outbox.prune import outbox_prune
-from web.outbox.slot import outbox_slot_check
+from web.outbox.slot import outbox_slot_check, outbox_slots, outbox_slots_report
 
 
 @app.task
 def outbox_prune_task() -> dict[str, Any]:
     result = outbox_prune(
-        slots=settings.OUTBOX_PRUNE_SLOTS or [settings.CDC_SLOT],
+        slots=outbox_slots(),
         retention=settings.OUTBOX_RETENTION,
         commit_margin=settings.OUTBOX_PRUNE_COMMIT_MARGIN,
         chunk_rows=settings.OUTBOX_PRUNE_CHUNK_ROWS,
@@ -29,4 +29,4 @@ def outbox_prune_task() -> dict[str, Any]:
 
 @app.task
 def outbox_slot_check_task() -> dict[str, Any]:
-    return outbox_slot_check().as_dict()
+    return outbox_slots_report([outbox_slot_check(slot=slot) for slot in outbox_slots()])
