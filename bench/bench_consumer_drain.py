@@ -1,7 +1,7 @@
 """How fast the consumer drains a backlog, against pg_recvlogical on the same WAL.
 
     .venv/bin/python bench/bench_consumer_drain.py --events 500000 [--tx-size 100] \
-        [--transport chdb|http] [--fsync] [--metrics] [--profile FILE]
+        [--transport chdb|http] [--fsync] [--metrics] [--sentry RATE] [--profile FILE]
 
 Starts a disposable PostgreSQL, creates the consumer's slot and a second slot for
 pg_recvlogical, writes N outbox rows (~240 bytes each) in transactions of --tx-size rows with
@@ -15,6 +15,11 @@ system, all threads) over the drain is reported per event. With --fsync the cons
 with CLICKHOUSE_FSYNC_AFTER_INSERT=true (ClickHouse fsyncs every part before it answers). With
 --metrics it serves metrics (CDC_METRICS_PORT), scraped every second while it drains (a
 pessimistic Prometheus), and the last scrape's shipped count and latency count are reported.
+With --sentry RATE it traces: SENTRY_DSN names a local Sentry ingest endpoint in this process
+(`tests.support.sentry_ingest`, the tests' receiver, which keeps what it is sent) and
+SENTRY_TRACES_SAMPLE_RATE is RATE (0.0, the default rate, sends errors only); the `cdc.batch`
+transactions received are reported. Without it the consumer runs with no SENTRY_DSN, whatever
+this process's environment holds.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from bench import clickhouse_ceiling
 from cdc_consumer import clickhouse
 from cdc_consumer.pgoutput import str_to_lsn
 from demo.postgres import DisposablePostgres, bin_dir
+from tests.support.sentry_ingest import SentryIngest
 
 FILL_SQL = """
 DO $$
@@ -141,14 +147,19 @@ class _Scraper:
 
 
 def _consumer_env(
-    database_url: str, clickhouse_url: str, *, fsync: bool, metrics_port: int | None
-) -> dict[str, str]:
+    database_url: str, clickhouse_url: str, *, fsync: bool, metrics_port: int | None,
+    sentry: tuple[str, float] | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """The consumer's environment; `sentry` is (SENTRY_DSN, SENTRY_TRACES_SAMPLE_RATE)."""
     env = {**os.environ, "DATABASE_URL": database_url, "CLICKHOUSE_URL": clickhouse_url,
            "LOG_FORMAT": "json", "LOG_LEVEL": "info",
            "CLICKHOUSE_FSYNC_AFTER_INSERT": "true" if fsync else "false"}  # fmt: skip
-    env.pop("CDC_METRICS_PORT", None)
+    for name in ("CDC_METRICS_PORT", "SENTRY_DSN", "SENTRY_TRACES_SAMPLE_RATE"):
+        env.pop(name, None)  # on only when asked for
     if metrics_port is not None:
         env["CDC_METRICS_PORT"] = str(metrics_port)
+    if sentry is not None:
+        env["SENTRY_DSN"], env["SENTRY_TRACES_SAMPLE_RATE"] = sentry[0], str(sentry[1])
     return env
 
 
@@ -193,6 +204,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--transport", choices=["chdb", "http"], default="chdb")
     parser.add_argument("--fsync", action="store_true", help="CLICKHOUSE_FSYNC_AFTER_INSERT=true")
     parser.add_argument("--metrics", action="store_true", help="CDC_METRICS_PORT, scraped 1/s")
+    parser.add_argument(
+        "--sentry",
+        type=float,
+        metavar="RATE",
+        help="SENTRY_DSN at a local ingest endpoint, SENTRY_TRACES_SAMPLE_RATE=RATE (0.0-1.0)",
+    )
     parser.add_argument("--profile", help="write a cProfile of the consumer to this file")
     parser.add_argument(
         "--py-spy",
@@ -299,6 +316,21 @@ def _drain(
     return _Drain(drained_at - active_at, cpu_seconds, engines_cpu, peak_rss, log_path.read_text())
 
 
+@contextmanager
+def _sentry_ingest(rate: float | None) -> Iterator[SentryIngest | None]:
+    """A local Sentry ingest endpoint while the benchmark runs (None: tracing off)."""
+    if rate is None:
+        yield None
+        return
+    if not 0.0 <= rate <= 1.0:
+        raise SystemExit(f"--sentry takes a sample rate within 0.0-1.0, not {rate}")
+    ingest = SentryIngest()
+    try:
+        yield ingest
+    finally:
+        ingest.close()
+
+
 def _clickhouse_ingest_seconds(url: str, clickhouse_url: str, target: int) -> float:
     """The ClickHouse side's ceiling: the same batches, encoded beforehand, into an emptied
     event_log through the consumer's write path."""
@@ -311,9 +343,14 @@ def _clickhouse_ingest_seconds(url: str, clickhouse_url: str, target: int) -> fl
 
 def main() -> None:
     args = _arguments()
-    with bench_engines("bench-drain-", args.transport) as (work, pg, clickhouse_url):
+    with (
+        bench_engines("bench-drain-", args.transport) as (work, pg, clickhouse_url),
+        _sentry_ingest(args.sentry) as ingest,
+    ):
         scraper = _Scraper(_free_port() if args.metrics else None)
-        env = _consumer_env(pg.url, clickhouse_url, fsync=args.fsync, metrics_port=scraper.port)
+        sentry = None if ingest is None else (ingest.dsn, args.sentry)
+        env = _consumer_env(pg.url, clickhouse_url, fsync=args.fsync, metrics_port=scraper.port,
+                            sentry=sentry)  # fmt: skip
         subprocess.run([sys.executable, "-m", "cdc_consumer", "migrate"], env=env, check=True,
                        capture_output=True)  # fmt: skip
         backlog = _fill(pg.url, events=args.events, tx_size=args.tx_size)
@@ -321,6 +358,10 @@ def main() -> None:
         drain = _drain(args, pg.url, env=env, log_path=work / "consumer.log", scraper=scraper,
                        target=backlog.target)  # fmt: skip
         ingest_seconds = _clickhouse_ingest_seconds(pg.url, clickhouse_url, backlog.target)
+        traced = {} if ingest is None else {
+            "sentry_traces_sample_rate": args.sentry,
+            "sentry_batch_transactions": len(ingest.transactions("cdc.batch")),
+        }  # fmt: skip
     if args.log:
         args.log.write_text(drain.log)
     batches = [json.loads(line) for line in drain.log.splitlines() if '"batch written"' in line]
@@ -354,6 +395,7 @@ def main() -> None:
         "ratio_to_cores_bound": round(cores_bound / seconds, 2),
         "consumer_peak_rss_mb": round(drain.peak_rss / 2**20),
         **scraper.report(),
+        **traced,
         "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}",
     }))  # fmt: skip
 

@@ -332,7 +332,10 @@ class SinkWorker:
             try:
                 write()
             except PipelineError as exc:
-                if policy_for(exc) is not Policy.RETRY:
+                policy = policy_for(exc)
+                if policy in _HALVING:
+                    self._metrics.rejected(exc.kind)  # the caller halves, or dead-letters
+                if policy is not Policy.RETRY:
                     raise
                 delay = backoff_delay(attempt, self._retry_cap)
                 self._metrics.retried(exc.kind)

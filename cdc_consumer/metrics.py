@@ -43,6 +43,10 @@ ROW_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_
 BYTE_BUCKETS = tuple(1024 * 4**n for n in range(10))  # 1 KiB .. 256 MiB (CDC_BATCH_MAX_BYTES)
 INSERT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
+# The kinds whose policy halves the batch (errors: SPLIT, DEAD_LETTER): their rejection series
+# exist from the start.
+REJECTION_KINDS = (ErrorKind.BATCH_TOO_LARGE, ErrorKind.POISON_EVENT)
+
 # SinkWorker's names for what it writes, and the table each lands in.
 _TABLES = {
     "batch": "event_log",
@@ -62,6 +66,10 @@ class Metrics:
 
     def retried(self, kind: ErrorKind) -> None:
         """A write is retried, or the source reconnected, after a failure of `kind`."""
+
+    def rejected(self, kind: ErrorKind) -> None:
+        """A write was refused for what it holds (`kind`: a bad row, its size); the batch is
+        halved, or its lone row dead-lettered."""
 
     def confirmed(self, lsn: int) -> None:
         """A standby status update confirmed the slot at `lsn`."""
@@ -147,6 +155,12 @@ class PrometheusMetrics(Metrics):
             ["kind"],
             registry=r,
         )
+        self._rejections = Counter(
+            "cdc_insert_rejections",
+            "Inserts refused for a bad row or their size (then halved), by error kind.",
+            ["kind"],
+            registry=r,
+        )
         self._confirmed_lsn = Gauge(
             "cdc_confirmed_lsn",
             "Position last confirmed to the slot (LSN as a number).",
@@ -174,6 +188,8 @@ class PrometheusMetrics(Metrics):
         r.register(self._latency)
         for kind in ErrorKind:  # every series exists from the start, so rate() sees the first
             self._retries.labels(kind=kind.value)
+        for kind in REJECTION_KINDS:
+            self._rejections.labels(kind=kind.value)
         for table in set(_TABLES.values()):
             self._insert_seconds.labels(table=table)
         self._lsn = 0
@@ -207,6 +223,10 @@ class PrometheusMetrics(Metrics):
     @never_raises
     def retried(self, kind: ErrorKind) -> None:
         self._retries.labels(kind=kind.value).inc()
+
+    @never_raises
+    def rejected(self, kind: ErrorKind) -> None:
+        self._rejections.labels(kind=kind.value).inc()
 
     @never_raises
     def confirmed(self, lsn: int) -> None:

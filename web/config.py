@@ -78,7 +78,8 @@ class WebSettings(SlotCheckSettings, ObservabilitySettings):
     outbox_slots: Annotated[list[Identifier], NoDecode, BeforeValidator(_comma_list)] = Field(
         default_factory=list
     )
-    # Beat intervals: prune hourly, check the slot every minute.
+    # Beat intervals: prune hourly, check the slot every minute. Whole minutes with SENTRY_DSN
+    # set: see _cron_interval below.
     outbox_prune_interval_seconds: float = Field(default=3600.0, gt=0)
     outbox_slot_check_interval_seconds: float = Field(default=60.0, gt=0)
 
@@ -90,6 +91,21 @@ class WebSettings(SlotCheckSettings, ObservabilitySettings):
         if info.data.get("django_debug") is True:
             return SecretStr(DEVELOPMENT_SECRET_KEY)
         raise ValueError("is required unless DJANGO_DEBUG is true")
+
+    @field_validator("outbox_prune_interval_seconds", "outbox_slot_check_interval_seconds")
+    @classmethod
+    def _cron_interval(cls, value: float, info: ValidationInfo) -> float:
+        # With Sentry on, each Beat entry is a Sentry cron monitor, and Sentry takes intervals of
+        # whole minutes only: for any other, sentry-sdk logs a warning and sends no check-in, so
+        # a prune or slot check that stopped running would never alert. Refused in every process
+        # that reads these settings (they share one environment), not only in Beat, so the
+        # mistake shows at the first start. (sentry_dsn is declared, so validated, before.)
+        if info.data.get("sentry_dsn") is not None and (value < 60 or value % 60):
+            raise ValueError(
+                "must be a whole number of minutes (60, 120, ...) when SENTRY_DSN is set:"
+                " Beat's entries are Sentry cron monitors, which take no other interval"
+            )
+        return value
 
 
 def load_settings() -> WebSettings:

@@ -47,14 +47,21 @@ class CapturingTransport(Transport):
 
 
 @pytest.fixture
-def sentry_events() -> Iterator[list[dict[str, Any]]]:
+def sentry_restored() -> Iterator[None]:
+    """Whatever the test initialises Sentry with is closed afterwards, and Sentry is inactive
+    again, as without a DSN."""
+    try:
+        yield
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+
+
+@pytest.fixture
+def sentry_events(sentry_restored: None) -> list[dict[str, Any]]:
     """Sentry initialised with tracing on and a capturing transport; the events it got."""
     transport = CapturingTransport()
     sentry_sdk.init(
         dsn="https://public@sentry.invalid/1", transport=transport, traces_sample_rate=1.0
     )
-    try:
-        yield transport.events
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)  # inactive again, as without a DSN
+    return transport.events

@@ -176,6 +176,40 @@ def test_operations_defaults_and_env_forms(env):
     assert custom.slot_thresholds().lag_critical_bytes == 1
 
 
+@pytest.mark.parametrize(
+    "name", ["OUTBOX_PRUNE_INTERVAL_SECONDS", "OUTBOX_SLOT_CHECK_INTERVAL_SECONDS"]
+)
+@pytest.mark.parametrize("seconds", ["90", "30", "60.5"])
+def test_beat_interval_must_be_whole_minutes_with_sentry(env, name, seconds):
+    """With SENTRY_DSN set, a Beat interval Sentry's crons cannot monitor (not a whole number
+    of minutes) stops the process naming it; without SENTRY_DSN it is accepted."""
+    env.setenv("DATABASE_URL", _URL)
+    env.setenv("DJANGO_SECRET_KEY", "k" * 50)
+    env.setenv(name, seconds)
+    assert getattr(load_settings(), name.lower()) == float(seconds)
+    env.setenv("SENTRY_DSN", "https://public@sentry.example/1")
+    with pytest.raises(SystemExit) as caught:
+        load_settings()
+    assert _exit_message(caught) == (
+        f"configuration error: {name} must be a whole number of minutes (60, 120, ...) when"
+        " SENTRY_DSN is set: Beat's entries are Sentry cron monitors, which take no other"
+        " interval"
+    )
+
+
+def test_whole_minute_beat_intervals_are_accepted_with_sentry(env):
+    """With SENTRY_DSN set, intervals of whole minutes (the defaults, or 120 s) are accepted."""
+    env.setenv("DATABASE_URL", _URL)
+    env.setenv("DJANGO_SECRET_KEY", "k" * 50)
+    env.setenv("SENTRY_DSN", "https://public@sentry.example/1")
+    assert load_settings().outbox_slot_check_interval_seconds == 60
+    env.setenv("OUTBOX_SLOT_CHECK_INTERVAL_SECONDS", "120")
+    env.setenv("OUTBOX_PRUNE_INTERVAL_SECONDS", "1800.0")
+    settings = load_settings()
+    assert settings.outbox_slot_check_interval_seconds == 120
+    assert settings.outbox_prune_interval_seconds == 1800
+
+
 def test_negative_retention_is_refused(env):
     """A negative OUTBOX_RETENTION stops the process with one line naming it."""
     env.setenv("DATABASE_URL", _URL)

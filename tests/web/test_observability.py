@@ -13,8 +13,11 @@ import orjson
 import pytest
 import sentry_sdk
 import structlog
-from celery.beat import Scheduler
+from celery import Celery
+from celery.beat import Scheduler, Service
+from celery.signals import beat_init
 from pydantic import SecretStr
+from sentry_sdk.integrations.celery import CeleryIntegration
 
 from cdc_consumer.observability import configure_sentry, sentry_options
 from tests.support.fix_consumer import wait_for
@@ -177,7 +180,7 @@ def test_task_lines_carry_the_request_id_that_enqueued_it(celery_worker, setting
 
 
 @pytest.fixture
-def sentry_transport():
+def sentry_transport(sentry_restored):
     """Sentry set up as every process sets it up, with a transport that keeps envelopes."""
     transport = CapturingTransport()
     options = sentry_options(
@@ -187,11 +190,35 @@ def sentry_transport():
         integrations=sentry_integrations(),
     )
     sentry_sdk.init(**options, transport=transport)
-    try:
-        yield transport
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
+    return transport
+
+
+def _start_worker(celery_app: Celery) -> None:
+    # What `celery worker` does first: building the worker sends worker_init (it is not run).
+    celery_app.WorkController(pool_cls="solo", concurrency=1)
+
+
+def _start_beat(celery_app: Celery) -> None:
+    # What `celery beat` sends as its service starts, before its first tick.
+    beat_init.send(sender=Service(app=celery_app))
+
+
+@pytest.mark.parametrize("start", [_start_worker, _start_beat], ids=["worker", "beat"])
+def test_worker_and_beat_start_sentry_with_beat_entries_as_crons(
+    celery_app, settings, sentry_restored, start
+):
+    """With SENTRY_DSN set, the worker's and Beat's start signals initialise Sentry with the
+    Celery integration monitoring Beat's entries (what makes them cron monitors)."""
+    # GIVEN SENTRY_DSN in the settings and Sentry not yet initialised
+    settings.SENTRY_DSN = SecretStr("https://public@sentry.invalid/1")
+    assert not sentry_sdk.get_client().is_active()
+    # WHEN the process starts
+    start(celery_app)
+    # THEN Sentry is on, with Celery's integration and monitor_beat_tasks
+    client = sentry_sdk.get_client()
+    assert client.is_active()
+    [celery] = [i for i in client.integrations.values() if isinstance(i, CeleryIntegration)]
+    assert celery.monitor_beat_tasks is True
 
 
 def _check_ins(transport: CapturingTransport) -> list[Any]:
