@@ -201,6 +201,22 @@ def _fsync(results: list[Result]) -> list[Figure]:
     ]
 
 
+def _scale_out(results: list[Result]) -> list[Figure]:
+    [r] = results
+    n = r["shards"]
+    one, many = r["one_consumer"], r[f"{n}_shards"]
+    return [
+        (
+            f"scale-out, {r['events']:,} events, http: {n} shards together vs one consumer",
+            f"{_rate(many['events_per_s'])} vs {_rate(one['events_per_s'])} (x{r['speedup']});"
+            f" walsender CPU {many['walsender_cpu_us_per_event']} vs"
+            f" {one['walsender_cpu_us_per_event']} µs per event",
+            "",
+            None,
+        )
+    ]
+
+
 def _metrics(results: list[Result]) -> list[Figure]:
     [r] = results
     return [
@@ -244,6 +260,11 @@ RUNS = (
         "drain",
         ("bench/bench_consumer_drain.py", "--events", "1000000", "--transport", "chdb"),
         _drain("chdb"),
+    ),
+    Run(
+        "scale-out",
+        ("bench/bench_scale_out.py", "--events", "1000000", "--shards", "2"),
+        _scale_out,
     ),
     *(
         Run(
