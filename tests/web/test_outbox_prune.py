@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+from datetime import UTC, timedelta
 
 import psycopg
 import pytest
@@ -146,6 +147,33 @@ def test_missing_slot_stops_pruning(make_consumer, clickhouse_server, pg_conn):
     assert result.deleted == 0
     assert "missing or lost" in (result.skipped_reason or "")
     assert _present(pg_conn, ids) == set(ids)
+
+
+def test_a_dropped_slot_that_shipped_is_not_recreated_so_its_gap_survives_the_prune(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """A slot dropped after its consumer shipped is not recreated by `migrate` (exit 2, naming
+    the backfill from the last shipped commit): the fresh slot's catalog_xmin would pass the
+    rows committed in the gap, and the prune would delete them unshipped."""
+    # GIVEN a consumer that has shipped and stopped, and its slot dropped
+    consumer, _ = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-before")
+    [[last_shipped]] = pg_conn.execute(
+        "SELECT last_commit_time FROM cdc_progress WHERE slot = %s", (consumer.slot,)
+    ).fetchall()
+    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    # AND events committed with no slot to retain them
+    gap = publish_probes(pg_conn, 3, "prune-in-the-gap")
+    # WHEN `migrate` runs, and then the prune
+    result = consumer.cli("migrate")
+    _prune(consumer.slot)
+    # THEN the gap is still in the outbox, for the backfill
+    assert _present(pg_conn, gap) == set(gap)
+    # AND migrate refused, created no slot, and named the backfill from the last shipped commit
+    assert result.returncode == 2, result.stderr
+    failure = json.loads(result.stderr.strip().splitlines()[-1])
+    assert failure["error"].startswith(f"replication slot {consumer.slot} does not exist")
+    assert f"backfill --since {last_shipped.astimezone(UTC).isoformat()}" in failure["hint"]
+    assert consumer.slot_row() is None
 
 
 def _restart_with_commit_timestamps(server, postgres_url: str, value: str) -> None:
