@@ -7,10 +7,10 @@ from datetime import UTC, timedelta
 
 import psycopg
 import pytest
-from django.db import connection
 
 from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import current_wal_lsn, publish_probes, wait_for
+from tests.support.fix_postgres import commit_timestamps_off
 from web.outbox.prune import outbox_prune
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -176,15 +176,6 @@ def test_a_dropped_slot_that_shipped_is_not_recreated_so_its_gap_survives_the_pr
     assert consumer.slot_row() is None
 
 
-def _restart_with_commit_timestamps(server, postgres_url: str, value: str) -> None:
-    """track_commit_timestamp takes effect only at server start."""
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"ALTER SYSTEM SET track_commit_timestamp = {value}")
-    connection.close()  # Django's session would not survive the restart; it reconnects lazily
-    server.stop()
-    server.start()
-
-
 def _slot_passed(postgres_url: str, slot: str, event_ids: list[str]) -> bool:
     """The slot's catalog_xmin (the oldest transaction still running at a position it has
     passed) is newer than the transactions that wrote `event_ids`."""
@@ -208,12 +199,11 @@ def test_rows_whose_commit_time_is_unknown_go_once_the_slot_has_passed_them(
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         _ship_and_stop(consumer, conn, "prune-known")
     # AND rows committed while the server kept no commit timestamps
-    _restart_with_commit_timestamps(postgres_server, postgres_url, "off")
-    try:
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            unknown = publish_probes(conn, 3, "prune-unknown-commit-time")
-    finally:
-        _restart_with_commit_timestamps(postgres_server, postgres_url, "on")
+    with (
+        commit_timestamps_off(postgres_server, postgres_url),
+        psycopg.connect(postgres_url, autocommit=True) as conn,
+    ):
+        unknown = publish_probes(conn, 3, "prune-unknown-commit-time")
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         assert {_commit_time(conn, event_id) for event_id in unknown} == {None}
         # WHEN pruning runs before the consumer has shipped them
