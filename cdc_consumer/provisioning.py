@@ -1,7 +1,9 @@
 """Everything `migrate` sets up: schemas in both databases, the publication and the slot.
 
 The slot is created here, before the consumer ever streams, so every event committed after
-`migrate` returns is retained in the WAL for the consumer, even if it starts much later.
+`migrate` returns is retained in the WAL for the consumer, even if it starts much later. A slot
+that existed and shipped (its cdc_progress row says so) is not created again: the events
+committed since it went are only in the outbox, and the backfill recreates it and ships them.
 The publication is made and checked by `publication.py`.
 The fsync table settings are too (CLICKHOUSE_FSYNC_AFTER_INSERT): every migrate brings them to
 what the environment says, both ways.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -21,6 +24,7 @@ from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
 from cdc_consumer.clickhouse_cluster import cluster_statement
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import DEAD_LETTER_TABLE, EVENT_LOG_TABLE
+from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.publication import ensure_publication
 from cdc_consumer.settings import ConsumerSettings
 
@@ -81,6 +85,8 @@ def ensure_slot(
         " active_pid FROM pg_replication_slots s WHERE slot_name = %s",
         (name,),
     ).fetchone()
+    if row is None:
+        _refuse_a_slot_that_shipped(conn, name)
     if row is None and not provision:
         raise PipelineError(
             ErrorKind.CONFIGURATION,
@@ -130,6 +136,45 @@ def ensure_slot(
         )
 
 
+def _refuse_a_slot_that_shipped(conn: psycopg.Connection[Any], name: str) -> None:
+    """Refuse to create slot `name` if cdc_progress has its row: an earlier slot of that name
+    shipped events, and its row still drives pruning. A new slot starts at the current WAL
+    position, after the events committed since the old one went; its catalog_xmin (and, once
+    it ships, its commit times) would then let the prune delete them, unshipped, from the
+    only place they are. The backfill recreates the slot and ships them instead."""
+    exists = conn.execute("SELECT to_regclass('cdc_progress') IS NOT NULL").fetchone()
+    if not (exists and exists[0]):
+        return  # before the first migrate creates it (sql/postgres/0002): nothing shipped
+    row = conn.execute(
+        "SELECT last_commit_time,"
+        f" coalesce((SELECT min(created_at) FROM {OUTBOX_SCHEMA}.{OUTBOX_TABLE}), now())"
+        " FROM cdc_progress WHERE slot = %s",
+        (name,),
+    ).fetchone()
+    if row is None:
+        return
+    last_shipped, oldest = row
+    if last_shipped is not None:
+        shipped, since = f"its last shipped commit is from {_iso(last_shipped)}", last_shipped
+    else:
+        # No shipped commit recorded: every row in the outbox (none pruned since) may be missing.
+        shipped, since = "it recorded no shipped commit", oldest
+    raise PipelineError(
+        ErrorKind.CONFIGURATION,
+        f"replication slot {name} does not exist, but cdc_progress shows an earlier slot of"
+        f" that name: {shipped}, and a slot created now would start after the events"
+        " committed since, which pruning would then delete unshipped",
+        hint=f"run `python -m cdc_consumer backfill --since {_iso(since)}`, which recreates"
+        " the slot and ships the events it missed; or, to start over without them, delete"
+        f" the old slot's progress (DELETE FROM cdc_progress WHERE slot = '{name}';) and run"
+        " `python -m cdc_consumer migrate`; docs/operations.md, 'The slot is lost'",
+    )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
 def _make_failover_slot(url: str, name: str) -> None:
     try:
         with postgres.connect(url, autocommit=True, replication="database") as conn:
@@ -158,24 +203,21 @@ def ensure_consumer_publication(
 
 
 def migrate_all(settings: ConsumerSettings, clickhouse: ClickHouseTransport) -> None:
-    """Apply sql/ to both databases and make sure the publication and slot exist. PostgreSQL's
-    part runs under the migrations' advisory lock, so processes starting at once (a consumer
+    """Apply sql/ to both databases and make sure the publication and slot exist (a slot that
+    shipped before and is gone is refused instead: `_refuse_a_slot_that_shipped`). PostgreSQL's
+    parts run under the migrations' advisory lock, so processes starting at once (a consumer
     and a `migrate` job, two replicas) take turns instead of racing to create them."""
-    with (
-        postgres.connect(settings.database_url.get_secret_value(), autocommit=True) as conn,
-        migrations.postgres_lock(conn),
-    ):
+    url = settings.database_url.get_secret_value()
+    with postgres.connect(url, autocommit=True) as conn, migrations.postgres_lock(conn):
         migrations.migrate_postgres(conn, _POSTGRES_SQL)
         ensure_consumer_publication(conn, settings)
-        ensure_slot(
-            conn,
-            settings.cdc_slot,
-            url=settings.database_url.get_secret_value(),
-            failover=settings.cdc_slot_failover,
-        )
         roles.ensure_postgres_roles(conn)
     _migrate_clickhouse(settings, clickhouse)
     roles.ensure_clickhouse_roles(clickhouse, cluster=settings.clickhouse_cluster)
+    # The slot last: when it refuses to recreate one that shipped, the schemas are migrated
+    # already, as the backfill it names checks.
+    with postgres.connect(url, autocommit=True) as conn, migrations.postgres_lock(conn):
+        ensure_slot(conn, settings.cdc_slot, url=url, failover=settings.cdc_slot_failover)
 
 
 def check_migrated(

@@ -121,7 +121,8 @@ class ReplicationStream:
             raise PipelineError(
                 ErrorKind.CONFIGURATION,
                 f"replication slot {self._slot} does not exist",
-                hint="run `python -m cdc_consumer migrate` (creates the slot), or check CDC_SLOT",
+                hint="run `python -m cdc_consumer migrate`, which creates the slot (or, if one of"
+                " that name shipped before, refuses and names the backfill), or check CDC_SLOT",
             )
         return SlotState(str_to_lsn(str(row[0])), row[1])
 

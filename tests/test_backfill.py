@@ -15,6 +15,7 @@ from cdc_consumer.clickhouse import connect
 from cdc_consumer.clickhouse_sink import stored_counts_sql, stored_event_counts
 from tests.support.fix_clickhouse import clickhouse_command, clickhouse_select, granules_read
 from tests.support.fix_consumer import Consumer, current_wal_lsn, publish_probes
+from tests.support.fix_postgres import commit_timestamps_off
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +122,42 @@ def test_gap_larger_than_one_presence_query_is_shipped_once(
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["shipped"] == 5000
     assert _counts(clickhouse_server.url, gap) == (5000, 5000, 5000)
+
+
+def test_rows_whose_commit_time_is_unknown_are_read_and_the_missing_ones_shipped_once(
+    merges_stopped, consumer_over, clickhouse_server, postgres_server
+):
+    """Rows committed while track_commit_timestamp was off cannot be placed against `--since`:
+    the backfill reads them all, skips those ClickHouse holds and ships the rest, once."""
+    consumer, url = consumer_over()
+    # GIVEN rows committed with no commit timestamp, which the consumer then ships
+    with commit_timestamps_off(postgres_server, url), psycopg.connect(url, autocommit=True) as db:
+        shipped = publish_probes(db, 3, "unknown-commit-time-shipped")
+    consumer.start()
+    with psycopg.connect(url, autocommit=True) as db:
+        consumer.wait_confirmed(current_wal_lsn(db))
+    assert consumer.stop() == 0
+    # AND, the slot lost, more such rows committed in the gap
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    with commit_timestamps_off(postgres_server, url), psycopg.connect(url, autocommit=True) as db:
+        gap = publish_probes(db, 2, "unknown-commit-time-gap")
+    with psycopg.connect(url, autocommit=True) as db:
+        # (a `since` after all of them: only an unknown commit time can bring them in)
+        [[unknown, since]] = db.execute(
+            "SELECT count(*) FILTER (WHERE pg_xact_commit_timestamp(xmin) IS NULL),"
+            " clock_timestamp() FROM event_outbox"
+        ).fetchall()
+    assert unknown == 5
+    # WHEN the operator backfills
+    result = consumer.cli("backfill", "--since", since.isoformat())
+    # THEN it read all five, shipped the two ClickHouse lacked, and each is there once
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["read"], summary["unknown_commit_time"]) == (5, 5)
+    assert (summary["shipped"], summary["skipped"]) == (2, 3)
+    assert _counts(clickhouse_server.url, shipped + gap) == (5, 5, 2)
+    assert _counts(clickhouse_server.url, gap) == (2, 2, 2)
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ skipped, and a slot that cannot resume the source is refused with a pointer to t
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import uuid
-from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -134,13 +135,13 @@ def test_failover_slot_resumes_skipping_only_positions_of_the_new_history(
 def test_slot_created_after_a_failover_is_refused_until_backfilled(
     primary_and_standby, make_consumer, clickhouse_server
 ):
-    """Without failover slots the promoted standby has no slot: `run` refuses to start (exit 2,
-    naming migrate and the backfill), and the slot `migrate` then creates starts after the
-    switchpoint, which `run` refuses too rather than skip what was committed meanwhile; the
-    backfill then ships exactly what ClickHouse lacks."""
+    """Without failover slots the promoted standby has no slot: `run` and `migrate` refuse
+    (exit 2, naming the backfill from the last shipped commit, which cdc_progress brought
+    over), a slot created by hand starts after the switchpoint, which `run` refuses too rather
+    than skip what was committed meanwhile; the backfill then ships exactly what ClickHouse
+    lacks."""
     primary, standby = primary_and_standby
     environment = f"failover-{uuid.uuid4().hex[:12]}"
-    since = datetime.now(UTC) - timedelta(seconds=5)
     consumer = make_consumer(clickhouse_server.url, database_url=primary.url)
     consumer.migrate()  # outbox, publication, slot
     consumer.start()
@@ -161,8 +162,17 @@ def test_slot_created_after_a_failover_is_refused_until_backfilled(
     assert missing.returncode == 2, missing.stderr
     assert f"replication slot {consumer.slot} does not exist" in missing.stderr
     assert "backfill --since" in missing.stderr
-    # AND once `migrate` has created a fresh slot, it stops with a configuration error
-    consumer.migrate()
+    # AND `migrate` will not create one either: it names the backfill, and makes no slot
+    refused = consumer.cli("migrate")
+    assert refused.returncode == 2, refused.stderr
+    hinted = re.search(
+        r"backfill --since ([^`\s]+)", json.loads(refused.stderr.splitlines()[-1])["hint"]
+    )
+    assert hinted is not None, refused.stderr
+    assert consumer.slot_row() is None
+    # AND a slot created by hand anyway starts past the switchpoint, which `run` refuses
+    with psycopg.connect(standby.url, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (consumer.slot,))
     result = consumer.cli("run", timeout=60)
     assert result.returncode == 2, result.stderr
     assert "past that point" in result.stderr
@@ -170,10 +180,11 @@ def test_slot_created_after_a_failover_is_refused_until_backfilled(
     assert _copies(clickhouse_server.url, unshipped + before_slot) == dict.fromkeys(
         unshipped + before_slot, 0
     )
-    # AND following the hint (drop the slot, backfill) delivers everything once
+    # AND following the hints (drop that slot, backfill from the time migrate named) delivers
+    # everything once
     with psycopg.connect(standby.url, autocommit=True) as conn:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
-    backfill = consumer.cli("backfill", "--since", since.isoformat())
+    backfill = consumer.cli("backfill", "--since", hinted[1])
     assert backfill.returncode == 0, backfill.stderr
     consumer.start()
     after = _publish(standby.url, 3, environment)

@@ -1,13 +1,19 @@
-"""cdc_consumer.provisioning: the slot `migrate` creates, and CDC_SLOT_FAILOVER."""
+"""cdc_consumer.provisioning: the slot `migrate` creates (or refuses to recreate), and
+CDC_SLOT_FAILOVER."""
 
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import UTC
 
+import psycopg
 import pytest
 
+from cdc_consumer import migrations
 from cdc_consumer.errors import ErrorKind, PipelineError
-from cdc_consumer.provisioning import check_failover_supported
+from cdc_consumer.provisioning import check_failover_supported, ensure_slot
+from tests.support.fix_consumer import publish_probes
 
 
 def test_failover_on_a_server_before_17_is_a_configuration_error():
@@ -86,3 +92,48 @@ def test_slot_held_by_a_consumer_is_not_altered_but_refused(
     )
     assert _slot_failover(pg_conn, consumer.slot) is False
     assert consumer.stop() == 0
+
+
+@pytest.mark.e2e
+def test_slot_is_created_before_cdc_progress_exists_and_refused_once_it_has_a_row(
+    make_database,
+):
+    """On a database without cdc_progress (before the first migrate creates it) the slot is
+    created; once the table has a row for the slot, a missing slot is refused, and with no
+    shipped commit recorded the hint backfills from the oldest outbox row."""
+    url = make_database()
+    slot = f"t{uuid.uuid4().hex[:10]}_slot"
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            # GIVEN a database no migrate has run on: the slot is made
+            ensure_slot(conn, slot, url=url)
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            # WHEN the schema exists and cdc_progress has the slot's row, with no shipped commit
+            migrations.migrate_postgres(conn, migrations.SQL_ROOT / "postgres")
+            [oldest] = publish_probes(conn, 1, "provisioning-oldest")
+            conn.execute(
+                "INSERT INTO cdc_progress (slot, confirmed_lsn, confirmed_at, updated_at)"
+                " VALUES (%s, '0/0', now(), now())",
+                (slot,),
+            )
+            [[created_at]] = conn.execute(
+                "SELECT created_at FROM event_outbox WHERE event_id = %s", (oldest,)
+            ).fetchall()
+            # THEN the slot is refused, naming the backfill from the oldest row and the way out
+            with pytest.raises(PipelineError) as caught:
+                ensure_slot(conn, slot, url=url)
+            assert caught.value.kind is ErrorKind.CONFIGURATION
+            assert "it recorded no shipped commit" in str(caught.value)
+            assert (
+                f"backfill --since {created_at.astimezone(UTC).isoformat()}`" in caught.value.hint
+            )
+            assert f"DELETE FROM cdc_progress WHERE slot = '{slot}';" in caught.value.hint
+            # AND deleting the row, as the hint says, lets it be made
+            conn.execute("DELETE FROM cdc_progress WHERE slot = %s", (slot,))
+            ensure_slot(conn, slot, url=url)
+        finally:  # a slot left behind would stop the database from being dropped
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (slot,),
+            )

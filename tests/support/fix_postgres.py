@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -116,6 +117,34 @@ def postgres_server() -> DisposablePostgres | ContainerPostgres:
         "this server cannot be restarted by the test: set TEST_POSTGRES_CONTAINER to the"
         " container running TEST_DATABASE_URL's server"
     )
+
+
+def _restart_with_commit_timestamps(
+    server: DisposablePostgres | ContainerPostgres, url: str, value: str
+) -> None:
+    """track_commit_timestamp takes effect only at server start."""
+    from django.db import connection  # here: this plugin loads before Django is set up
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET track_commit_timestamp = {value}")
+    connection.close()  # Django's session would not survive the restart; it reconnects lazily
+    server.stop()
+    server.start()
+
+
+@contextmanager
+def commit_timestamps_off(
+    server: DisposablePostgres | ContainerPostgres, url: str
+) -> Iterator[None]:
+    """Transactions committed in the block get no commit timestamp
+    (`pg_xact_commit_timestamp(xmin)` reads NULL, as it does for one older than the server's
+    commit-timestamp horizon). The server restarts on the way in and out: connections opened
+    before either do not survive it (Django's is closed, and reconnects when next used)."""
+    _restart_with_commit_timestamps(server, url, "off")
+    try:
+        yield
+    finally:
+        _restart_with_commit_timestamps(server, url, "on")
 
 
 @pytest.fixture

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+from datetime import UTC, timedelta
 
 import psycopg
 import pytest
-from django.db import connection
 
 from tests.support.fix_clickhouse import clickhouse_select
 from tests.support.fix_consumer import current_wal_lsn, publish_probes, wait_for
+from tests.support.fix_postgres import commit_timestamps_off
 from web.outbox.prune import outbox_prune
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -148,13 +149,31 @@ def test_missing_slot_stops_pruning(make_consumer, clickhouse_server, pg_conn):
     assert _present(pg_conn, ids) == set(ids)
 
 
-def _restart_with_commit_timestamps(server, postgres_url: str, value: str) -> None:
-    """track_commit_timestamp takes effect only at server start."""
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"ALTER SYSTEM SET track_commit_timestamp = {value}")
-    connection.close()  # Django's session would not survive the restart; it reconnects lazily
-    server.stop()
-    server.start()
+def test_a_dropped_slot_that_shipped_is_not_recreated_so_its_gap_survives_the_prune(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """A slot dropped after its consumer shipped is not recreated by `migrate` (exit 2, naming
+    the backfill from the last shipped commit): the fresh slot's catalog_xmin would pass the
+    rows committed in the gap, and the prune would delete them unshipped."""
+    # GIVEN a consumer that has shipped and stopped, and its slot dropped
+    consumer, _ = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-before")
+    [[last_shipped]] = pg_conn.execute(
+        "SELECT last_commit_time FROM cdc_progress WHERE slot = %s", (consumer.slot,)
+    ).fetchall()
+    pg_conn.execute("SELECT pg_drop_replication_slot(%s)", (consumer.slot,))
+    # AND events committed with no slot to retain them
+    gap = publish_probes(pg_conn, 3, "prune-in-the-gap")
+    # WHEN `migrate` runs, and then the prune
+    result = consumer.cli("migrate")
+    _prune(consumer.slot)
+    # THEN the gap is still in the outbox, for the backfill
+    assert _present(pg_conn, gap) == set(gap)
+    # AND migrate refused, created no slot, and named the backfill from the last shipped commit
+    assert result.returncode == 2, result.stderr
+    failure = json.loads(result.stderr.strip().splitlines()[-1])
+    assert failure["error"].startswith(f"replication slot {consumer.slot} does not exist")
+    assert f"backfill --since {last_shipped.astimezone(UTC).isoformat()}" in failure["hint"]
+    assert consumer.slot_row() is None
 
 
 def _slot_passed(postgres_url: str, slot: str, event_ids: list[str]) -> bool:
@@ -180,12 +199,11 @@ def test_rows_whose_commit_time_is_unknown_go_once_the_slot_has_passed_them(
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         _ship_and_stop(consumer, conn, "prune-known")
     # AND rows committed while the server kept no commit timestamps
-    _restart_with_commit_timestamps(postgres_server, postgres_url, "off")
-    try:
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            unknown = publish_probes(conn, 3, "prune-unknown-commit-time")
-    finally:
-        _restart_with_commit_timestamps(postgres_server, postgres_url, "on")
+    with (
+        commit_timestamps_off(postgres_server, postgres_url),
+        psycopg.connect(postgres_url, autocommit=True) as conn,
+    ):
+        unknown = publish_probes(conn, 3, "prune-unknown-commit-time")
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         assert {_commit_time(conn, event_id) for event_id in unknown} == {None}
         # WHEN pruning runs before the consumer has shipped them
