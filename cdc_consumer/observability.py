@@ -200,6 +200,9 @@ def sentry_options(
         "environment": environment,
         "traces_sample_rate": traces_sample_rate,
         "integrations": list(integrations),
+        # Only what each process lists: left on, the SDK enables (and imports) an integration
+        # for every library it finds installed, Django and Celery in the consumer too (~65 MB).
+        "auto_enabling_integrations": False,
         # No personal data: `send_default_pii` is left unset, which is off. Setting it at all
         # (even to False) is deprecated since sentry-sdk 2.7x in favour of `data_collection`,
         # and passing `data_collection` would switch off the SDK's denylist scrubber.
