@@ -24,7 +24,7 @@ from cdc_consumer.observability import configure_logging, configure_sentry, logg
 from cdc_consumer.pipeline import Pipeline, StopRequest
 from cdc_consumer.progress import REFRESH_SECONDS
 from cdc_consumer.replication import ReplicationStream
-from cdc_consumer.settings import ConsumerSettings, load_settings
+from cdc_consumer.settings import ConsumerSettings, load_settings, postgres_identifier
 from cdc_consumer.status import Severity, SlotReport, slot_report
 
 log = structlog.get_logger("cdc_consumer")
@@ -115,7 +115,7 @@ def cmd_backfill(settings: ConsumerSettings, args: argparse.Namespace) -> int:
     # 'Several consumers').
     transport = _checked(settings, slot=False, publication=False)
     try:
-        result = backfill.backfill(settings, transport, args.since)
+        result = backfill.backfill(settings, transport, args.since, replaces=args.replaces)
     finally:
         transport.close()
     print(json.dumps(result.as_dict()))
@@ -133,6 +133,7 @@ def cmd_verify(settings: ConsumerSettings, args: argparse.Namespace) -> int:
             slot=settings.cdc_slot,
             source=settings.source,
             shard=settings.cdc_shard,
+            cluster=settings.clickhouse_cluster,
             since=args.since,
             until=args.until,
         )
@@ -185,6 +186,16 @@ def _aware_time(text: str) -> datetime:
     return value
 
 
+def _sources(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        try:
+            postgres_identifier(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{name!r} {exc}") from None
+    return names
+
+
 COMMANDS = {
     "run": cmd_run,
     "migrate": cmd_migrate,
@@ -214,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         help="verify: check outbox rows created before this ISO 8601 time (default: now)",
     )
     parser.add_argument(
+        "--replaces",
+        type=_sources,
+        default=(),
+        help="backfill: the CDC_SOURCE of each consumer (comma-separated) this one takes over"
+        " from; their slots must be gone",
+    )
+    parser.add_argument(
         "--print-clickhouse-ddl",
         action="store_true",
         help="migrate: print the ClickHouse DDL it would apply (CLICKHOUSE_CLUSTER), apply nothing",
@@ -225,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} needs --since, an ISO 8601 time with its offset")
     if args.until is not None and args.command != "verify":
         parser.error("--until goes with verify")
+    if args.replaces and args.command != "backfill":
+        parser.error("--replaces goes with backfill")
     try:
         settings = load_settings()
     except SystemExit as exc:

@@ -40,8 +40,8 @@ from psycopg import sql
 
 from cdc_consumer import pgoutput, postgres, provisioning
 from cdc_consumer.batch import Batch
-from cdc_consumer.clickhouse import ClickHouseTransport
-from cdc_consumer.clickhouse_sink import ClickHouseSink, stored_event_counts
+from cdc_consumer.clickhouse import ClickHouseTransport, quote_string
+from cdc_consumer.clickhouse_sink import SOURCES_TABLE, ClickHouseSink, stored_event_counts
 from cdc_consumer.delivery import SinkWorker
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import EventLogEncoder
@@ -102,16 +102,26 @@ class BackfillResult:
 
 
 def backfill(
-    settings: ConsumerSettings, transport: ClickHouseTransport, since: datetime
+    settings: ConsumerSettings,
+    transport: ClickHouseTransport,
+    since: datetime,
+    *,
+    replaces: Sequence[str] = (),
 ) -> BackfillResult:
     """Recreate the (missing or lost) slot and ship outbox rows committed since `since` that
-    ClickHouse does not hold. Refuses while the slot exists and is usable."""
+    ClickHouse does not hold. Refuses while the slot exists and is usable.
+
+    `replaces`: the sources of consumers this one takes over from (the switch to shards,
+    docs/operations.md 'Several consumers'). Each must have stopped and its slot be gone, so
+    it can never stream those events again under its own name; each is fenced like an earlier
+    run of this source, so no insert of it still executing lands after the presence check."""
     url = settings.database_url.get_secret_value()
     slot = settings.cdc_slot
     with postgres.connect(url, autocommit=True) as conn:
         provisioning.check_failover_supported(
             conn.info.server_version, failover=settings.cdc_slot_failover
         )
+        _refuse_replaced_with_slots(conn, transport, replaces)
         _drop_lost_slot(conn, slot)
         provisioning.ensure_consumer_publication(conn, settings)
     options = (
@@ -128,10 +138,44 @@ def backfill(
         # The exported snapshot lives until the replication connection runs another command
         # or closes, so everything is read inside this block.
         result = _ship(
-            url, str(created[2]), since, transport, settings, identity=identity, history=history
+            url,
+            str(created[2]),
+            since,
+            transport,
+            settings,
+            identity=identity,
+            history=history,
+            replaces=replaces,
         )
     log.info("backfill done", **result.as_dict())
     return result
+
+
+def _refuse_replaced_with_slots(
+    conn: psycopg.Connection[Any], transport: ClickHouseTransport, replaces: Sequence[str]
+) -> None:
+    for source in replaces:
+        rows = transport.select(
+            f"SELECT slot FROM {SOURCES_TABLE} FINAL WHERE source = {quote_string(source)}"
+        )
+        if not rows:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"--replaces {source}: no consumer has written as that source",
+                hint="name the CDC_SOURCE (by default the slot's name) of each consumer this"
+                " one takes over from",
+            )
+        [[old_slot]] = rows
+        if conn.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (old_slot,)
+        ).fetchone():
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"--replaces {source}: its slot {old_slot} still exists, so its consumer could"
+                " stream the same events again under its own name",
+                hint=f"stop that consumer, then SELECT pg_drop_replication_slot('{old_slot}')"
+                " and run the backfill again (docs/operations.md, 'Several consumers')",
+            )
 
 
 def _drop_lost_slot(conn: psycopg.Connection[Any], slot: str) -> None:
@@ -161,6 +205,7 @@ def _ship(
     *,
     identity: SourceIdentity,
     history: WalHistory,
+    replaces: Sequence[str],
 ) -> BackfillResult:
     source = settings.source
     encoder = EventLogEncoder(TEXT_RELATION, source=source, timeline=history.timeline)
@@ -171,6 +216,11 @@ def _ship(
     # A consumer run that lost the slot may still have an insert executing: let it end before
     # the presence check reads what is there, or its rows would be shipped a second time.
     sink.fence_earlier_runs()
+    for replaced in replaces:
+        ClickHouseSink(
+            transport, source=replaced, cluster=settings.clickhouse_cluster
+        ).fence_earlier_runs()
+        log.info("replaced source fenced", source=replaced)
     worker = SinkWorker(sink, retry_cap_seconds=30.0, slot=settings.cdc_slot)
     read = skipped = unknown = 0
     try:
@@ -184,7 +234,7 @@ def _ship(
                     read += len(chunk)
                     unknown += sum(1 for row in chunk if row[0])
                     rows = [row[1:] for row in chunk]
-                    present = _present(transport, rows)
+                    present = _present(transport, rows, cluster=settings.clickhouse_cluster)
                     fresh = [row for row in rows if row[_EVENT_ID] not in present]
                     skipped += len(rows) - len(fresh)
                     encoded = [
@@ -212,7 +262,10 @@ _PUBLISHED = OUTBOX_COLUMNS.index("event_date_time")
 
 
 def _present(
-    transport: ClickHouseTransport, rows: Sequence[Sequence[str | None]]
+    transport: ClickHouseTransport,
+    rows: Sequence[Sequence[str | None]],
+    *,
+    cluster: str | None,
 ) -> Collection[str]:
     """The event ids of a chunk (in publish-time order) that ClickHouse already holds, looked up
     within the chunk's stretch of event_date_time, which event_log finds by its partition and
@@ -222,7 +275,7 @@ def _present(
         datetime.fromisoformat(str(rows[-1][_PUBLISHED])),
     )
     event_ids = [str(row[_EVENT_ID]) for row in rows]
-    return stored_event_counts(transport, event_ids, between=published).keys()
+    return stored_event_counts(transport, event_ids, between=published, cluster=cluster).keys()
 
 
 def _submit(worker: SinkWorker, batch: Batch) -> None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from itertools import count
 
 from cdc_consumer.clickhouse import SUPERSEDED_MARK, ClickHouseTransport, quote_string
-from cdc_consumer.clickhouse_cluster import on_cluster
+from cdc_consumer.clickhouse_cluster import on_cluster, sql_string
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.event_log import (
     DEAD_LETTER_COLUMNS,
@@ -100,16 +100,19 @@ def stored_event_counts(
     event_ids: Sequence[str],
     *,
     between: tuple[datetime, datetime] | None = None,
+    cluster: str | None = None,
 ) -> dict[str, StoredCounts]:
     """What event_log and event_log_dead_letter hold of these events (uuid text), by event id;
     absent ids are left out. Whatever source wrote them: an event id names one event, so a row
     of it under another source (a shard's predecessor, a consumer moved to new slots) is that
     event delivered, and a second row of it is that event doubled. `between` bounds
     event_date_time (inclusive), which lets ClickHouse skip the partitions and granules outside
-    it; rows of these events outside it are not counted."""
+    it; rows of these events outside it are not counted. On a cluster (CLICKHOUSE_CLUSTER) every
+    shard is read: the consumer that wrote an event may have written to another shard's hosts."""
     found: dict[str, StoredCounts] = {}
     for start in range(0, len(event_ids), LOOKUP_IDS):
-        query = stored_counts_sql(event_ids[start : start + LOOKUP_IDS], between=between)
+        ids = event_ids[start : start + LOOKUP_IDS]
+        query = stored_counts_sql(ids, between=between, cluster=cluster)
         for event_id, logged, dead in transport.select(query, PRESENCE_READ_SETTINGS):
             seen = found.get(str(event_id), StoredCounts())
             found[str(event_id)] = StoredCounts(
@@ -119,9 +122,20 @@ def stored_event_counts(
 
 
 def stored_counts_sql(
-    event_ids: Sequence[str], *, between: tuple[datetime, datetime] | None = None
+    event_ids: Sequence[str],
+    *,
+    between: tuple[datetime, datetime] | None = None,
+    cluster: str | None = None,
 ) -> str:
     """One lookup of `stored_event_counts` (at most LOOKUP_IDS ids)."""
+    event_log, dead_letter = (
+        (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
+        if cluster is None
+        else tuple(
+            f"cluster({sql_string(cluster)}, currentDatabase(), {table})"
+            for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
+        )
+    )
     when = ""
     if between is not None:
         when = (
@@ -129,9 +143,9 @@ def stored_counts_sql(
         )
     quoted = ",".join(f"'{uuid.UUID(event_id)}'" for event_id in event_ids)
     return (
-        f"SELECT toString(event_id), count(), 0 FROM {EVENT_LOG_TABLE}"
+        f"SELECT toString(event_id), count(), 0 FROM {event_log}"
         f" WHERE event_id IN ({quoted}){when} GROUP BY event_id"
-        f" UNION ALL SELECT event_id, 0, count() FROM {DEAD_LETTER_TABLE}"
+        f" UNION ALL SELECT event_id, 0, count() FROM {dead_letter}"
         f" WHERE event_id IN ({quoted}) GROUP BY event_id"
     )
 

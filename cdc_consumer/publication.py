@@ -172,9 +172,11 @@ def _check_record(
             raise PipelineError(
                 ErrorKind.CONFIGURATION,
                 f"publication {name} filters the outbox's rows (WHERE {row_filter}), which"
-                " migrate did not set: the rows it leaves out would never ship",
-                hint=f"ALTER PUBLICATION {name} SET TABLE {OUTBOX_SCHEMA}.{OUTBOX_TABLE}; to"
-                f" split the outbox between consumers, set CDC_SHARD ({_SHARDS_DOC})",
+                " migrate did not set: nothing here ships the rows it leaves out",
+                hint="if consumers split the outbox by filters made by hand, switch them to"
+                " CDC_SHARD through the backfill, which ships each event once; removing the"
+                " filter while another consumer ships the rest would double those events"
+                f" ({_SHARDS_DOC})",
             )
         if shard is not None:
             raise _other_shard(name, None, shard)
@@ -192,13 +194,17 @@ def _check_record(
     if record.shard != _spec(shard):
         raise _other_shard(name, record.shard, shard)
     if row_filter != record.row_filter:
+        where = "" if record.row_filter is None else f" WHERE ({record.row_filter})"
         raise PipelineError(
             ErrorKind.CONFIGURATION,
             f"publication {name}'s row filter was changed after migrate made it (now"
             f" {row_filter or 'none'}, made with {record.row_filter or 'none'}): the consumers"
             " would no longer split the outbox exactly",
-            hint=f"DROP PUBLICATION {name} and run `python -m cdc_consumer migrate`, which"
-            f" makes it again; events committed meanwhile: {_SHARDS_DOC}",
+            hint=f"put it back: ALTER PUBLICATION {name} SET TABLE"
+            f" {OUTBOX_SCHEMA}.{OUTBOX_TABLE}{where}; a consumer streaming"
+            " while it was changed shipped by the changed filter, so run `python -m"
+            " cdc_consumer verify --since <a time before the change>` for every shard, and"
+            f" repair what it lists ({_SHARDS_DOC})",
         )
 
 

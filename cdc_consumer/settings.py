@@ -37,7 +37,7 @@ _QUALIFIED_TABLE = re.compile(r"^[a-z_][a-z0-9_$]{0,62}\.[a-z_][a-z0-9_$]{0,62}$
 _CLUSTER = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|\{[A-Za-z0-9_]{1,64}\})$")
 
 
-def _postgres_identifier(value: str) -> str:
+def postgres_identifier(value: str) -> str:
     # Slot and publication names go into replication commands that take no parameters
     # (the walsender speaks only the simple-query protocol), so they are validated here.
     if not _IDENTIFIER.match(value):
@@ -133,7 +133,7 @@ def _empty_is_false(value: object) -> object:
     return False if isinstance(value, str) and not value.strip() else value
 
 
-Identifier = Annotated[str, AfterValidator(_postgres_identifier)]
+Identifier = Annotated[str, AfterValidator(postgres_identifier)]
 
 _GIB = 1024**3
 

@@ -102,6 +102,7 @@ def verify(
     slot: str,
     source: str,
     shard: Shard | None = None,
+    cluster: str | None = None,
     since: datetime,
     until: datetime | None = None,
 ) -> VerifyReport:
@@ -114,6 +115,7 @@ def verify(
             slot=slot,
             source=source,
             shard=shard,
+            cluster=cluster,
             since=since,
             until=until,
         )
@@ -134,6 +136,7 @@ def _verify(
     slot: str,
     source: str,
     shard: Shard | None,
+    cluster: str | None,
     since: datetime,
     until: datetime | None,
 ) -> VerifyReport:
@@ -155,7 +158,7 @@ def _verify(
         )
         after: tuple[datetime, str] | None = None
         while page := _page(conn, shard, since=since, until=until, shipped=shipped, after=after):
-            _judge(report, transport, page)
+            _judge(report, transport, page, cluster=cluster)
             after = (page[-1][3], page[-1][0])
     log.info(
         "verify done",
@@ -213,7 +216,11 @@ def _page(
 
 
 def _judge(
-    report: VerifyReport, transport: ClickHouseTransport, page: list[tuple[Any, ...]]
+    report: VerifyReport,
+    transport: ClickHouseTransport,
+    page: list[tuple[Any, ...]],
+    *,
+    cluster: str | None,
 ) -> None:
     due = [row for row in page if row[4]]
     report.in_flight += len(page) - len(due)
@@ -221,7 +228,7 @@ def _judge(
         return
     times = [row[2] for row in due]
     stored = stored_event_counts(
-        transport, [row[0] for row in due], between=(min(times), max(times))
+        transport, [row[0] for row in due], between=(min(times), max(times)), cluster=cluster
     )
     for event_id, event_type, event_date_time, created_at, _due in due:
         report.checked += 1

@@ -238,7 +238,7 @@ def test_backfill_needs_an_aware_time(make_consumer, clickhouse_server):
     assert "offset" in result.stderr
 
 
-def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhouse_server):
+def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhouse_migrated):
     """With two million rows of the source in event_log, checking a chunk of 500 events
     published within a minute selects a few granules, where the check by event_id alone reads
     every one of them."""
@@ -247,7 +247,7 @@ def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhous
     source = f"presence_{uuid.uuid4().hex[:8]}"
     rows = 2_000_000
     clickhouse_command(
-        clickhouse_server.url,
+        clickhouse_migrated.url,
         "INSERT INTO event_log (event_id, event_type, event_date_time, environment,"
         " event_context, event_context_raw, metadata_version, source, source_lsn, source_seq)"
         " SELECT generateUUIDv4(number), ['a', 'b', 'c'][number % 3 + 1],"
@@ -257,7 +257,7 @@ def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhous
     try:
         # WHEN a chunk of 500 consecutive events is checked, in publish-time order
         chunk = clickhouse_select(
-            clickhouse_server.url,
+            clickhouse_migrated.url,
             "SELECT toString(event_id), toString(event_date_time) FROM event_log"
             f" WHERE source = '{source}' ORDER BY event_date_time LIMIT 500 OFFSET 1000000",
         )
@@ -269,15 +269,15 @@ def test_presence_check_reads_the_chunks_stretch_of_time_not_the_table(clickhous
         )
         between = (earliest, latest)
         query = stored_counts_sql(event_ids, between=between)
-        found = stored_event_counts(connect(clickhouse_server.url), event_ids, between=between)
-        plan = clickhouse_select(clickhouse_server.url, f"EXPLAIN indexes = 1 {query}")
+        found = stored_event_counts(connect(clickhouse_migrated.url), event_ids, between=between)
+        plan = clickhouse_select(clickhouse_migrated.url, f"EXPLAIN indexes = 1 {query}")
         by_id_alone = clickhouse_select(
-            clickhouse_server.url,
+            clickhouse_migrated.url,
             "EXPLAIN indexes = 1 SELECT event_id FROM event_log"
             f" WHERE source = '{source}' AND event_id IN ({','.join(repr(i) for i in event_ids)})",
         )
     finally:
-        clickhouse_command(clickhouse_server.url, "ALTER TABLE event_log DROP PARTITION 200102")
+        clickhouse_command(clickhouse_migrated.url, "ALTER TABLE event_log DROP PARTITION 200102")
     # THEN every event of the chunk is found, reading a handful of granules of the 245
     assert sorted(found) == sorted(event_ids)
     assert granules_read(plan) <= 6, plan

@@ -22,7 +22,7 @@ from cdc_consumer.clickhouse_cluster import (
     quorum_select_settings,
     sql_string,
 )
-from cdc_consumer.clickhouse_sink import ClickHouseSink
+from cdc_consumer.clickhouse_sink import ClickHouseSink, stored_counts_sql
 from cdc_consumer.errors import ErrorKind, PipelineError
 from tests.support.fix_clickhouse import clickhouse_select
 
@@ -305,3 +305,17 @@ def test_fence_of_earlier_runs_is_sent_on_cluster(tmp_path):
             clustered.fence_earlier_runs()
     finally:
         transport.close()
+
+
+def test_presence_lookup_on_a_cluster_reads_every_shard(clickhouse_server):
+    """On a cluster the backfill's presence check and verify read event_log and the dead-letter
+    table of every shard (the cluster() table function), as ClickHouse parses it; on one server,
+    the local tables."""
+    event_id = str(uuid.uuid4())
+    clustered = stored_counts_sql([event_id], cluster=CLUSTER)
+    [[formatted]] = clickhouse_select(
+        clickhouse_server.url, f"SELECT formatQuery({sql_string(clustered)})"
+    )
+    for table in ("event_log", "event_log_dead_letter"):
+        assert f"cluster('{CLUSTER}', currentDatabase(), {table})" in formatted, formatted
+    assert "cluster(" not in stored_counts_sql([event_id])

@@ -75,6 +75,12 @@ def test_publication_serves_only_the_slot_and_shard_it_was_made_for(
     assert "row filter was changed after migrate made it" in altered.stderr
     # AND migrate does not paper over it either
     assert first.cli("migrate").returncode == 2
+    # WHEN the filter is put back as the hint says
+    recorded = json.loads(comment)["row_filter"]
+    assert f"WHERE ({recorded})" in altered.stderr
+    pg_conn.execute(f"ALTER PUBLICATION {publication} SET TABLE event_outbox WHERE ({recorded})")
+    # THEN the publication is accepted again
+    assert first.cli("migrate").returncode == 0
 
 
 def test_unsharded_publication_filtered_by_hand_is_refused(
@@ -119,9 +125,10 @@ def _event_ids(url: str, environment: str, source: str) -> list[str]:
 def test_one_consumer_replaced_by_two_shards_delivers_every_event_once(
     make_database, make_consumer, merges_stopped
 ):
-    """The documented switch from one consumer to two shards: stop it, backfill each shard from
-    before its last shipped commit, start the shards. Events it shipped are not shipped again,
-    the gap's are shipped once, each by its own shard, and verify finds each shard whole."""
+    """The documented switch from one consumer to two shards: stop it, drop its slot, backfill
+    each shard from before its last shipped commit (--replaces it), start the shards. Events it
+    shipped are not shipped again, the gap's are shipped once, each by its own shard, and
+    verify finds each shard whole."""
     environment = f"shards-{uuid.uuid4().hex[:12]}"
     url = make_database()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -138,15 +145,24 @@ def test_one_consumer_replaced_by_two_shards_delivers_every_event_once(
         assert last_shipped is not None
         # AND events committed while nothing streams
         gap = publish_probes(conn, 300, environment)
-        # WHEN each shard is backfilled from well before the last commit the consumer shipped
         shards = [
             make_consumer(merges_stopped.url, database_url=url, CDC_SHARD=f"{k}/2")
             for k in range(2)
         ]
         since = (last_shipped - timedelta(minutes=5)).isoformat()
+        switch = ("backfill", "--since", since, "--replaces", single.slot)
+        # WHEN a shard is backfilled while the consumer it replaces still has its slot
+        refused = shards[0].cli(*switch)
+        # THEN it is refused: that consumer could stream the same events again
+        assert refused.returncode == 2
+        assert f"its slot {single.slot} still exists" in refused.stderr
+        # WHEN the slot is dropped and each shard is backfilled from well before the last
+        # commit the consumer shipped
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (single.slot,))
         for shard in shards:
-            result = shard.cli("backfill", "--since", since)
+            result = shard.cli(*switch)
             assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["shipped"] > 0
         # AND the shards stream what comes after, across a restart of each
         for shard in shards:
             shard.start()

@@ -7,6 +7,7 @@ entry points do that. A missing or malformed variable stops the process with one
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Annotated
 
@@ -108,8 +109,17 @@ class WebSettings(SlotCheckSettings, ObservabilitySettings):
         return value
 
 
+# Variables that were renamed: still set, the old name would be ignored (an unknown variable
+# is only warned about) and its setting left at the default, which for OUTBOX_PRUNE_SLOTS is
+# pruning by CDC_SLOT alone, deleting rows other slots have not shipped.
+_RENAMED = {"OUTBOX_PRUNE_SLOTS": "OUTBOX_SLOTS"}
+
+
 def load_settings() -> WebSettings:
     """Build settings from the environment or exit with one line naming the bad variable."""
+    for old, new in _RENAMED.items():
+        if old in os.environ:
+            raise SystemExit(f"configuration error: {old} is now {new}: rename it")
     warn_unknown_variables("OUTBOX_", WebSettings)
     try:
         return WebSettings()  # type: ignore[call-arg]  # fields come from the environment

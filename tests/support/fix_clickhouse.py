@@ -290,20 +290,28 @@ def clickhouse_command(clickhouse_url: str, sql: str) -> None:
 
 
 @pytest.fixture
-def merges_stopped(clickhouse_server: ClickHouseServer) -> Iterator[ClickHouseServer]:
-    """event_log does not merge during the test, so a ReplacingMergeTree cannot fold a
-    duplicate away before `count()` sees it. Without merges every insert adds a part, and past
-    `parts_to_delay_insert` ClickHouse would slow each insert down: the thresholds are lifted
-    for the test (a test of a thousand inserts would otherwise measure the throttle)."""
+def clickhouse_migrated(clickhouse_server: ClickHouseServer) -> ClickHouseServer:
+    """The session's ClickHouse with the schema of sql/clickhouse applied, whichever test ran
+    first on this worker."""
     from cdc_consumer import migrations
     from cdc_consumer.clickhouse import connect
 
-    url = clickhouse_server.url
-    transport = connect(url)
+    transport = connect(clickhouse_server.url)
     try:
         migrations.migrate_clickhouse(transport, migrations.SQL_ROOT / "clickhouse")
     finally:
         transport.close()
+    return clickhouse_server
+
+
+@pytest.fixture
+def merges_stopped(clickhouse_migrated: ClickHouseServer) -> Iterator[ClickHouseServer]:
+    """event_log does not merge during the test, so a ReplacingMergeTree cannot fold a
+    duplicate away before `count()` sees it. Without merges every insert adds a part, and past
+    `parts_to_delay_insert` ClickHouse would slow each insert down: the thresholds are lifted
+    for the test (a test of a thousand inserts would otherwise measure the throttle)."""
+    clickhouse_server = clickhouse_migrated
+    url = clickhouse_server.url
     clickhouse_command(url, "SYSTEM STOP MERGES event_log")
     clickhouse_command(
         url,

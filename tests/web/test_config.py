@@ -117,6 +117,16 @@ def test_prune_slots_is_a_comma_list_of_slot_names(env):
     assert load_settings().outbox_slots == ["blue_slot", "green_slot"]
 
 
+def test_the_old_name_of_outbox_slots_is_refused(env):
+    """OUTBOX_PRUNE_SLOTS, the old name of OUTBOX_SLOTS, stops the process naming the new one:
+    ignored, it would leave the prune following CDC_SLOT alone."""
+    env.setenv("DATABASE_URL", _URL)
+    env.setenv("DJANGO_SECRET_KEY", "k" * 50)
+    env.setenv("OUTBOX_PRUNE_SLOTS", "blue_slot,green_slot")
+    with pytest.raises(SystemExit, match="OUTBOX_PRUNE_SLOTS is now OUTBOX_SLOTS"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

@@ -254,3 +254,22 @@ def test_a_row_another_slot_has_not_shipped_stays_until_it_has(
         slots=slots, retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
     )
     assert _present(pg_conn, ids) == set()
+
+
+def test_a_streaming_slot_left_out_of_outbox_slots_stops_the_prune(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """A slot of this database that has recorded progress but is not in the prune's slots (a
+    shard left out of OUTBOX_SLOTS) stops the prune, naming it: the prune cannot wait for a
+    slot it does not know, and its unshipped rows would go."""
+    # GIVEN a slot that shipped something and stopped, so it holds everything after
+    unlisted, _ = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-unlisted")
+    # AND rows another slot has shipped since, which the first has not
+    listed, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-unlisted")
+    result = outbox_prune(
+        slots=[listed.slot], retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
+    )
+    assert result.deleted == 0
+    assert result.skipped_reason is not None
+    assert unlisted.slot in result.skipped_reason
+    assert _present(pg_conn, ids) == set(ids)

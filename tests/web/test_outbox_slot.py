@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from tests.support.fix_consumer import current_wal_lsn, wait_for
 from web.outbox.slot import outbox_slot_check
 
 
@@ -54,3 +55,38 @@ def test_warning_and_ok_levels(settings, caplog, sentry_events, make_consumer, c
         assert len(sentry_events) == 1
     finally:
         assert consumer.stop() == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_a_streaming_slot_left_out_of_outbox_slots_is_a_warning(
+    settings, sentry_events, make_consumer, clickhouse_server, pg_conn
+):
+    """The Beat check names a slot that records progress but is missing from OUTBOX_SLOTS, at
+    warning level at least, with a Sentry message: the prune is stopped until it is listed."""
+    from web.outbox.tasks import outbox_slot_check_task
+
+    listed, unlisted = make_consumer(clickhouse_server.url), make_consumer(clickhouse_server.url)
+    for consumer in (listed, unlisted):
+        consumer.migrate()
+        consumer.start()
+        consumer.wait_confirmed(current_wal_lsn(pg_conn))
+        assert consumer.stop() == 0
+    wait_for(
+        lambda: (
+            pg_conn.execute(
+                "SELECT count(*) FROM cdc_progress WHERE slot = ANY(%s)",
+                ([listed.slot, unlisted.slot],),
+            ).fetchone()
+            == (2,)
+        ),
+        what="both consumers recorded progress",
+    )
+    settings.OUTBOX_SLOTS = [listed.slot]
+    report = outbox_slot_check_task()
+    assert report["unlisted_slots"] == [unlisted.slot]
+    assert report["severity"] in {"warning", "critical"}
+    assert [s["slot"] for s in report["slots"]] == [listed.slot]
+    assert any(
+        e["fingerprint"] == ["replication-slot-unlisted", unlisted.slot] for e in sentry_events
+    )

@@ -34,6 +34,9 @@ than any live slot's catalog_xmin, which holds back freezing.) It trails the com
 while a long transaction anywhere on the server is open, so it is the second rule, not the
 only one.
 
+A slot of this database that records progress (cdc_progress) but is missing from OUTBOX_SLOTS
+(a shard left out of it) stops the prune: it cannot wait for a slot it was not told of.
+
 With several slots on one outbox (OUTBOX_SLOTS), both rules hold for every one of them: the
 oldest of their shipped commits, and each one's catalog_xmin. Pruning also stops while any of
 them is missing or lost: the backfill that repairs a lost slot
@@ -53,7 +56,7 @@ from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from web.outbox.models import CdcProgress, EventOutbox
-from web.outbox.slot import outbox_slot_report
+from web.outbox.slot import outbox_slot_report, outbox_unlisted_slots
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +86,14 @@ def outbox_prune(
     `chunk_rows`, each chunk its own short autocommit DELETE by primary key; returns how many
     went. Several slots stream one outbox when consumers split it or one replaces another:
     a row goes only by the slowest one's progress."""
+    unlisted = outbox_unlisted_slots(slots)
+    if unlisted:
+        left_out = (
+            f"slot {', '.join(unlisted)} streams this outbox (it records progress) but is not in"
+            " OUTBOX_SLOTS, so the prune cannot wait for it: list it, or drop it if it is done"
+        )
+        log.warning("outbox prune skipped", slots=unlisted, reason=left_out)
+        return PruneResult(deleted=0, chunks=0, skipped_reason=left_out)
     for slot in slots:
         reason = _unsafe_to_prune(slot)
         if reason is not None:

@@ -7,6 +7,7 @@ Celery task and the management command use it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import sentry_sdk
@@ -33,10 +34,46 @@ def outbox_slots() -> list[str]:
     return list(settings.OUTBOX_SLOTS) or [settings.CDC_SLOT]
 
 
-def outbox_slots_report(reports: list[SlotReport]) -> dict[str, Any]:
-    """Several slots' reports as one: the worst severity, and each report."""
-    worst = max((report.severity for report in reports), key=severity_rank)
-    return {"severity": worst.value, "slots": [report.as_dict() for report in reports]}
+def outbox_unlisted_slots(slots: Sequence[str]) -> list[str]:
+    """Slots of this database that a consumer records progress for (cdc_progress) but `slots`
+    leaves out: the prune would not wait for them, nor the slot check look at them."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT s.slot_name FROM pg_replication_slots s JOIN cdc_progress p"
+            " ON p.slot = s.slot_name WHERE s.database = current_database()"
+            " AND s.slot_name <> ALL(%s) ORDER BY 1",
+            [list(slots)],
+        )
+        return [str(row[0]) for row in cursor.fetchall()]
+
+
+def outbox_slots_report(reports: list[SlotReport], unlisted: list[str]) -> dict[str, Any]:
+    """Several slots' reports as one: the worst severity (at least a warning with slots left
+    out of OUTBOX_SLOTS), each report, and the slots left out."""
+    worst = max(
+        [report.severity for report in reports] + [Severity.WARNING] * bool(unlisted),
+        key=severity_rank,
+    )
+    return {
+        "severity": worst.value,
+        "slots": [report.as_dict() for report in reports],
+        "unlisted_slots": unlisted,
+    }
+
+
+def outbox_unlisted_check(slots: list[str]) -> list[str]:
+    """The slots left out of `slots`, with a warning line and a Sentry message when any are."""
+    unlisted = outbox_unlisted_slots(slots)
+    if unlisted:
+        log.warning("replication slot not in outbox_slots", slots=unlisted)
+        with sentry_sdk.new_scope() as scope:
+            scope.fingerprint = ["replication-slot-unlisted", *unlisted]
+            sentry_sdk.capture_message(
+                f"replication slot {', '.join(unlisted)} streams the outbox but is not in"
+                " OUTBOX_SLOTS: the prune is stopped until it is listed or dropped",
+                level="warning",
+            )
+    return unlisted
 
 
 def outbox_slot_report(*, slot: str | None = None) -> SlotReport:

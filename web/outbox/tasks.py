@@ -13,7 +13,12 @@ from django.conf import settings
 
 from web.celery import app
 from web.outbox.prune import outbox_prune
-from web.outbox.slot import outbox_slot_check, outbox_slots, outbox_slots_report
+from web.outbox.slot import (
+    outbox_slot_check,
+    outbox_slots,
+    outbox_slots_report,
+    outbox_unlisted_check,
+)
 
 
 @app.task
@@ -29,4 +34,6 @@ def outbox_prune_task() -> dict[str, Any]:
 
 @app.task
 def outbox_slot_check_task() -> dict[str, Any]:
-    return outbox_slots_report([outbox_slot_check(slot=slot) for slot in outbox_slots()])
+    slots = outbox_slots()
+    reports = [outbox_slot_check(slot=slot) for slot in slots]
+    return outbox_slots_report(reports, outbox_unlisted_check(slots))
