@@ -121,7 +121,7 @@ def backfill(
         provisioning.check_failover_supported(
             conn.info.server_version, failover=settings.cdc_slot_failover
         )
-        _refuse_replaced_with_slots(conn, transport, replaces)
+        _refuse_replaced_with_slots(conn, transport, replaces, settings)
         _drop_lost_slot(conn, slot)
         provisioning.ensure_consumer_publication(conn, settings)
     options = (
@@ -152,20 +152,47 @@ def backfill(
 
 
 def _refuse_replaced_with_slots(
-    conn: psycopg.Connection[Any], transport: ClickHouseTransport, replaces: Sequence[str]
+    conn: psycopg.Connection[Any],
+    transport: ClickHouseTransport,
+    replaces: Sequence[str],
+    settings: ConsumerSettings,
 ) -> None:
     for source in replaces:
+        if source == settings.source:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"--replaces {source}: that is this consumer's own source",
+                hint="a consumer that keeps its source resumes by itself; --replaces names"
+                " the sources of other consumers this one takes over from",
+            )
+        # The newest record of the source: the slot it was last read through. On a cluster
+        # cdc_sources is per shard, and the fence below claims the epoch on this one: the
+        # host of CLICKHOUSE_URL must be of the shard the replaced consumer wrote to.
         rows = transport.select(
-            f"SELECT slot FROM {SOURCES_TABLE} FINAL WHERE source = {quote_string(source)}"
+            f"SELECT argMax(slot, registered_at) FROM {SOURCES_TABLE}"
+            f" WHERE source = {quote_string(source)} HAVING count() > 0"
         )
         if not rows:
             raise PipelineError(
                 ErrorKind.CONFIGURATION,
-                f"--replaces {source}: no consumer has written as that source",
+                f"--replaces {source}: no consumer has written as that source"
+                + (" on this ClickHouse shard" if settings.clickhouse_cluster else ""),
                 hint="name the CDC_SOURCE (by default the slot's name) of each consumer this"
-                " one takes over from",
+                " one takes over from"
+                + (
+                    "; on a cluster, point CLICKHOUSE_URL at a host of the shard it wrote to"
+                    if settings.clickhouse_cluster
+                    else ""
+                ),
             )
         [[old_slot]] = rows
+        if old_slot == settings.cdc_slot:
+            raise PipelineError(
+                ErrorKind.CONFIGURATION,
+                f"--replaces {source}: it was read through {old_slot}, this consumer's own slot",
+                hint="give the new consumers slots of their own (docs/operations.md, 'Several"
+                " consumers')",
+            )
         if conn.execute(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (old_slot,)
         ).fetchone():

@@ -191,7 +191,9 @@ def clickhouse_role_statements(database: str, *, cluster: str | None = None) -> 
         grant("CREATE TEMPORARY TABLE", "*.*", WRITER_ROLE),
     ]
     if cluster:
-        statements.append(grant("CLUSTER", "*.*", WRITER_ROLE))
+        # CLUSTER for ON CLUSTER (the fence); REMOTE for the cluster() table function the
+        # presence check and verify read every shard through.
+        statements.append(grant("CLUSTER, REMOTE", "*.*", WRITER_ROLE))
     for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE):
         statements.append(grant("SELECT", f"{db}.{table}", ANALYST_ROLE))
     return statements

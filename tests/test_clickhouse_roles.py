@@ -108,3 +108,12 @@ def test_the_consumer_delivers_as_the_writer_which_may_not_change_the_schema(
         assert _refused(url, "TRUNCATE TABLE event_log_dead_letter")
     assert _refused(analyst.url, f"INSERT INTO event_log (environment) VALUES ('{tag}')")
     assert _refused(analyst.url, "SELECT count() FROM cdc_runs")
+
+
+def test_the_writer_may_read_every_shard_on_a_cluster() -> None:
+    """On a cluster the writer holds REMOTE, which the cluster() reads of the presence check
+    and verify need; on one server it holds neither CLUSTER nor REMOTE."""
+    on_cluster = " ".join(clickhouse_role_statements("default", cluster="events"))
+    alone = " ".join(clickhouse_role_statements("default"))
+    assert f"CLUSTER, REMOTE ON *.* TO {WRITER_ROLE}" in on_cluster
+    assert "REMOTE" not in alone

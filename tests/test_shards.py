@@ -113,6 +113,11 @@ def _events_by_source(url: str, environment: str) -> tuple[dict[str, int], int, 
     return dict(rows), total, distinct
 
 
+def _epoch(url: str, source: str) -> int:
+    [[epoch]] = clickhouse_select(url, f"SELECT max(epoch) FROM cdc_runs WHERE source = '{source}'")
+    return int(epoch)
+
+
 def _event_ids(url: str, environment: str, source: str) -> list[str]:
     rows = clickhouse_select(
         url,
@@ -156,13 +161,20 @@ def test_one_consumer_replaced_by_two_shards_delivers_every_event_once(
         # THEN it is refused: that consumer could stream the same events again
         assert refused.returncode == 2
         assert f"its slot {single.slot} still exists" in refused.stderr
+        # AND a source no consumer wrote as is refused
+        unknown = shards[0].cli("backfill", "--since", since, "--replaces", "no_such_source")
+        assert unknown.returncode == 2
+        assert "no consumer has written as that source" in unknown.stderr
         # WHEN the slot is dropped and each shard is backfilled from well before the last
         # commit the consumer shipped
         conn.execute("SELECT pg_drop_replication_slot(%s)", (single.slot,))
+        epoch = _epoch(merges_stopped.url, single.slot)
         for shard in shards:
             result = shard.cli(*switch)
             assert result.returncode == 0, result.stderr
             assert json.loads(result.stdout)["shipped"] > 0
+        # THEN each backfill fenced the replaced consumer: an insert of its run would fail
+        assert _epoch(merges_stopped.url, single.slot) == epoch + 2
         # AND the shards stream what comes after, across a restart of each
         for shard in shards:
             shard.start()

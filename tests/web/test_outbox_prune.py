@@ -273,3 +273,21 @@ def test_a_streaming_slot_left_out_of_outbox_slots_stops_the_prune(
     assert result.skipped_reason is not None
     assert unlisted.slot in result.skipped_reason
     assert _present(pg_conn, ids) == set(ids)
+
+
+def test_a_migrated_slot_that_has_not_shipped_yet_also_stops_the_prune(
+    make_consumer, clickhouse_server, pg_conn
+):
+    """A slot whose publication migrate made (its record names the slot) counts as streaming
+    the outbox before its consumer ever recorded progress: left out of the prune's slots, it
+    stops the prune too (a shard that crash-loops at start loses nothing to it)."""
+    listed, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-fresh")
+    fresh = make_consumer(clickhouse_server.url, CDC_SHARD="0/2")
+    fresh.migrate()
+    result = outbox_prune(
+        slots=[listed.slot], retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
+    )
+    assert result.deleted == 0
+    assert result.skipped_reason is not None
+    assert fresh.slot in result.skipped_reason
+    assert _present(pg_conn, ids) == set(ids)

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import connection
 from sentry_sdk.integrations.logging import ignore_logger
 
+from cdc_consumer.shard import PublicationRecord
 from cdc_consumer.status import Severity, SlotReport, severity_rank, slot_report
 
 log = structlog.get_logger(__name__)
@@ -35,14 +36,19 @@ def outbox_slots() -> list[str]:
 
 
 def outbox_unlisted_slots(slots: Sequence[str]) -> list[str]:
-    """Slots of this database that a consumer records progress for (cdc_progress) but `slots`
-    leaves out: the prune would not wait for them, nor the slot check look at them."""
+    """Slots of this database that stream the outbox but `slots` leaves out: the prune would
+    not wait for them, nor the slot check look at them. A slot streams the outbox when a
+    consumer records progress for it (cdc_progress), or a publication `migrate` or the
+    backfill made names it in its record (a shard that has not shipped yet)."""
     with connection.cursor() as cursor:
+        cursor.execute("SELECT obj_description(oid, 'pg_publication') FROM pg_publication")
+        records = (PublicationRecord.from_comment(row[0]) for row in cursor.fetchall())
+        recorded = [record.slot for record in records if record is not None]
         cursor.execute(
-            "SELECT s.slot_name FROM pg_replication_slots s JOIN cdc_progress p"
-            " ON p.slot = s.slot_name WHERE s.database = current_database()"
-            " AND s.slot_name <> ALL(%s) ORDER BY 1",
-            [list(slots)],
+            "SELECT s.slot_name FROM pg_replication_slots s WHERE s.database = current_database()"
+            " AND s.slot_name <> ALL(%s) AND (s.slot_name = ANY(%s)"
+            " OR EXISTS (SELECT FROM cdc_progress p WHERE p.slot = s.slot_name)) ORDER BY 1",
+            [list(slots), recorded],
         )
         return [str(row[0]) for row in cursor.fetchall()]
 
