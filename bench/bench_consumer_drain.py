@@ -179,13 +179,21 @@ def _engine_processes(conn: psycopg.Connection[tuple[str]]) -> dict[str, psutil.
         "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'event_outbox_slot'"
     ).fetchone()
     found = {"walsender": psutil.Process(int(row[0]))} if row and row[0] else {}
-    for child in psutil.Process().children():
-        if "tests.support.clickhouse_http" in " ".join(child.cmdline()):
-            found["clickhouse_server"] = child
+    server = clickhouse_server_process()
+    if server is not None:
+        found["clickhouse_server"] = server
     return found
 
 
-def _cpu_seconds(proc: psutil.Process) -> float:
+def clickhouse_server_process() -> psutil.Process | None:
+    """The ClickHouse test server bench_engines started for the HTTP transport, if any."""
+    for child in psutil.Process().children():
+        if "tests.support.clickhouse_http" in " ".join(child.cmdline()):
+            return child
+    return None
+
+
+def process_cpu_seconds(proc: psutil.Process) -> float:
     """User and system CPU time of the process, all threads."""
     times = proc.cpu_times()
     return float(times.user + times.system)
@@ -295,9 +303,9 @@ def _drain(
                 ).fetchone()
                 assert row is not None
                 if not active_at and row[0]:
-                    active_at, cpu_at_active = time.perf_counter(), _cpu_seconds(proc)
+                    active_at, cpu_at_active = time.perf_counter(), process_cpu_seconds(proc)
                     engines = _engine_processes(conn)
-                    engines_at_active = {n: _cpu_seconds(p) for n, p in engines.items()}
+                    engines_at_active = {n: process_cpu_seconds(p) for n, p in engines.items()}
                 scraper.tick()
                 if str_to_lsn(row[1]) >= target:
                     break
@@ -305,8 +313,8 @@ def _drain(
                     raise SystemExit(f"consumer died:\n{log_path.read_text()[-2000:]}")
                 time.sleep(0.05)
         drained_at = time.perf_counter()
-        cpu_seconds = _cpu_seconds(proc) - cpu_at_active
-        engines_cpu = {n: _cpu_seconds(p) - engines_at_active[n] for n, p in engines.items()}
+        cpu_seconds = process_cpu_seconds(proc) - cpu_at_active
+        engines_cpu = {n: process_cpu_seconds(p) - engines_at_active[n] for n, p in engines.items()}
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
             spy.wait(60)

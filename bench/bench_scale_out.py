@@ -29,7 +29,12 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_consumer_drain import FILL_SQL, bench_engines
+from bench.bench_consumer_drain import (
+    FILL_SQL,
+    bench_engines,
+    clickhouse_server_process,
+    process_cpu_seconds,
+)
 from cdc_consumer import clickhouse
 from cdc_consumer.pgoutput import str_to_lsn
 
@@ -45,18 +50,6 @@ def _env(database_url: str, clickhouse_url: str, slot: str, shard: str | None) -
     return env
 
 
-def _cpu(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-def _clickhouse_server() -> psutil.Process | None:
-    for child in psutil.Process().children():
-        if "tests.support.clickhouse_http" in " ".join(child.cmdline()):
-            return child
-    return None
-
-
 def _drain(url: str, envs: list[dict[str, str]], target: int) -> dict[str, float]:
     """Run these consumers at once until each one's slot is confirmed at `target`."""
     slots = [env["CDC_SLOT"] for env in envs]
@@ -64,7 +57,7 @@ def _drain(url: str, envs: list[dict[str, str]], target: int) -> dict[str, float
         subprocess.Popen([sys.executable, "-m", "cdc_consumer", "run"], env=env) for env in envs
     ]
     procs = [psutil.Process(c.pid) for c in consumers]
-    server = _clickhouse_server()
+    server = clickhouse_server_process()
     started = 0.0
     cpu_at_start: dict[str, float] = {}
     walsenders: list[psutil.Process] = []
@@ -81,9 +74,9 @@ def _drain(url: str, envs: list[dict[str, str]], target: int) -> dict[str, float
                 started = time.perf_counter()
                 walsenders = [psutil.Process(pid) for pid, _ in rows]
                 cpu_at_start = {
-                    "consumers": sum(_cpu(p) for p in procs),
-                    "walsenders": sum(_cpu(p) for p in walsenders),
-                    "clickhouse_server": _cpu(server) if server else 0.0,
+                    "consumers": sum(process_cpu_seconds(p) for p in procs),
+                    "walsenders": sum(process_cpu_seconds(p) for p in walsenders),
+                    "clickhouse_server": process_cpu_seconds(server) if server else 0.0,
                 }
             if started and all(str_to_lsn(lsn) >= target for _, lsn in rows):
                 break
@@ -92,9 +85,10 @@ def _drain(url: str, envs: list[dict[str, str]], target: int) -> dict[str, float
             time.sleep(0.05)
     seconds = time.perf_counter() - started
     cpu = {
-        "consumers": sum(_cpu(p) for p in procs) - cpu_at_start["consumers"],
-        "walsenders": sum(_cpu(p) for p in walsenders) - cpu_at_start["walsenders"],
-        "clickhouse_server": (_cpu(server) if server else 0.0) - cpu_at_start["clickhouse_server"],
+        "consumers": sum(process_cpu_seconds(p) for p in procs) - cpu_at_start["consumers"],
+        "walsenders": sum(process_cpu_seconds(p) for p in walsenders) - cpu_at_start["walsenders"],
+        "clickhouse_server": (process_cpu_seconds(server) if server else 0.0)
+        - cpu_at_start["clickhouse_server"],
     }
     for consumer in consumers:
         consumer.send_signal(signal.SIGTERM)

@@ -121,7 +121,7 @@ def backfill(
         provisioning.check_failover_supported(
             conn.info.server_version, failover=settings.cdc_slot_failover
         )
-        _refuse_replaced_with_slots(conn, transport, replaces, settings)
+        _check_replaced(conn, transport, replaces, settings)
         _drop_lost_slot(conn, slot)
         provisioning.ensure_consumer_publication(conn, settings)
     options = (
@@ -151,7 +151,7 @@ def backfill(
     return result
 
 
-def _refuse_replaced_with_slots(
+def _check_replaced(
     conn: psycopg.Connection[Any],
     transport: ClickHouseTransport,
     replaces: Sequence[str],

@@ -129,12 +129,7 @@ def stored_counts_sql(
 ) -> str:
     """One lookup of `stored_event_counts` (at most LOOKUP_IDS ids)."""
     event_log, dead_letter = (
-        (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
-        if cluster is None
-        else tuple(
-            f"cluster({sql_string(cluster)}, currentDatabase(), {table})"
-            for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
-        )
+        _every_shard(table, cluster) for table in (EVENT_LOG_TABLE, DEAD_LETTER_TABLE)
     )
     when = ""
     if between is not None:
@@ -148,6 +143,13 @@ def stored_counts_sql(
         f" UNION ALL SELECT event_id, 0, count() FROM {dead_letter}"
         f" WHERE event_id IN ({quoted}) GROUP BY event_id"
     )
+
+
+def _every_shard(table: str, cluster: str | None) -> str:
+    """`table` of this database on every shard of `cluster` (one server: the table itself)."""
+    if cluster is None:
+        return table
+    return f"cluster({sql_string(cluster)}, currentDatabase(), {table})"
 
 
 def _datetime64(value: datetime) -> str:

@@ -19,6 +19,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from cdc_consumer import postgres
 from cdc_consumer.errors import ErrorKind, PipelineError
 from cdc_consumer.outbox import OUTBOX_SCHEMA, OUTBOX_TABLE
 from cdc_consumer.shard import PublicationRecord, Shard
@@ -122,7 +123,7 @@ def _execute_as_owner(conn: psycopg.Connection[Any], statement: sql.Composed) ->
     except psycopg.errors.InsufficientPrivilege as exc:
         raise PipelineError(
             ErrorKind.CONFIGURATION,
-            f"this role may not create or record the publication: {str(exc).strip()}",
+            f"this role may not create or record the publication: {postgres.first_line(exc)}",
             hint="run this command as the migrator, who owns the database (docs/operations.md,"
             " 'Roles')",
         ) from exc

@@ -16,6 +16,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
+from cdc_consumer.postgres import first_line
 from cdc_consumer.status import Severity
 from web.outbox.slot import (
     outbox_slot_report,
@@ -35,19 +36,17 @@ def health(request: HttpRequest) -> JsonResponse:
 @require_GET
 def health_outbox(request: HttpRequest) -> JsonResponse:
     """Every slot's report (OUTBOX_SLOTS) and the worst severity: 503 when that is critical."""
+    slots = outbox_slots()
     try:
-        slots = outbox_slots()
         reports = [outbox_slot_report(slot=slot) for slot in slots]
         unlisted = outbox_unlisted_slots(slots)
     except DatabaseError as exc:
         # Nothing about the slots is known, which is as bad as a lost one; the error's text may
         # name the host, so only its class goes out.
-        log.error("slot check failed", error=str(exc).strip().split("\n")[0])
+        log.error("slot check failed", error=first_line(exc))
         unknown = {
             "severity": Severity.CRITICAL.value,
-            "slots": [
-                {"slot": slot, "severity": Severity.CRITICAL.value} for slot in outbox_slots()
-            ],
+            "slots": [{"slot": slot, "severity": Severity.CRITICAL.value} for slot in slots],
             "problems": [f"database unreachable ({type(exc).__name__})"],
         }
         return JsonResponse(unknown, status=503)

@@ -256,6 +256,17 @@ def test_a_row_another_slot_has_not_shipped_stays_until_it_has(
     assert _present(pg_conn, ids) == set()
 
 
+def _assert_prune_stopped_by(slot: str, *, listed: str, kept: list[str], pg_conn) -> None:
+    """A prune of `listed` alone deletes nothing, names `slot` as why, and `kept` stay."""
+    result = outbox_prune(
+        slots=[listed], retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
+    )
+    assert result.deleted == 0
+    assert result.skipped_reason is not None
+    assert slot in result.skipped_reason
+    assert _present(pg_conn, kept) == set(kept)
+
+
 def test_a_streaming_slot_left_out_of_outbox_slots_stops_the_prune(
     make_consumer, clickhouse_server, pg_conn
 ):
@@ -266,13 +277,7 @@ def test_a_streaming_slot_left_out_of_outbox_slots_stops_the_prune(
     unlisted, _ = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-unlisted")
     # AND rows another slot has shipped since, which the first has not
     listed, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-unlisted")
-    result = outbox_prune(
-        slots=[listed.slot], retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
-    )
-    assert result.deleted == 0
-    assert result.skipped_reason is not None
-    assert unlisted.slot in result.skipped_reason
-    assert _present(pg_conn, ids) == set(ids)
+    _assert_prune_stopped_by(unlisted.slot, listed=listed.slot, kept=ids, pg_conn=pg_conn)
 
 
 def test_a_migrated_slot_that_has_not_shipped_yet_also_stops_the_prune(
@@ -284,10 +289,4 @@ def test_a_migrated_slot_that_has_not_shipped_yet_also_stops_the_prune(
     listed, ids = _ship_and_stop(make_consumer(clickhouse_server.url), pg_conn, "prune-fresh")
     fresh = make_consumer(clickhouse_server.url, CDC_SHARD="0/2")
     fresh.migrate()
-    result = outbox_prune(
-        slots=[listed.slot], retention=timedelta(0), commit_margin=timedelta(0), chunk_rows=1000
-    )
-    assert result.deleted == 0
-    assert result.skipped_reason is not None
-    assert fresh.slot in result.skipped_reason
-    assert _present(pg_conn, ids) == set(ids)
+    _assert_prune_stopped_by(fresh.slot, listed=listed.slot, kept=ids, pg_conn=pg_conn)

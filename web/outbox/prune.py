@@ -34,8 +34,9 @@ than any live slot's catalog_xmin, which holds back freezing.) It trails the com
 while a long transaction anywhere on the server is open, so it is the second rule, not the
 only one.
 
-A slot of this database that records progress (cdc_progress) but is missing from OUTBOX_SLOTS
-(a shard left out of it) stops the prune: it cannot wait for a slot it was not told of.
+A slot of this database that streams the outbox (it records progress in cdc_progress, or a
+publication's record names it) but is missing from OUTBOX_SLOTS (a shard left out of it) stops
+the prune: it cannot wait for a slot it was not told of.
 
 With several slots on one outbox (OUTBOX_SLOTS), both rules hold for every one of them: the
 oldest of their shipped commits, and each one's catalog_xmin. Pruning also stops while any of
